@@ -1,0 +1,1 @@
+"""Projections: folds of the event log into read tables, and the worker that runs them."""

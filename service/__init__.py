@@ -1,0 +1,1 @@
+"""chatlog: an event-sourced conversation log service for AI chat applications."""

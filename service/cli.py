@@ -1,0 +1,121 @@
+"""The `chatlog` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from service.settings import Settings, SettingsError
+
+log = logging.getLogger("chatlog")
+
+
+def resolve_database(settings: Settings) -> Settings:
+    """Settings whose database_url is set: the configured server, or the embedded one."""
+    if settings.database_url:
+        return settings
+    from service.database import embedded_url
+
+    return settings.with_overrides(database_url=embedded_url(settings.data_dir))
+
+
+async def _migrate(url: str, revision: str, *, down: bool = False) -> None:
+    from service.database import downgrade, make_engine, migrate
+
+    engine = make_engine(url, pool_size=1)
+    try:
+        await (downgrade(engine, revision) if down else migrate(engine, revision))
+    finally:
+        await engine.dispose()
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = settings.with_overrides(
+        host=args.host or settings.host, port=args.port if args.port is not None else settings.port
+    )
+    settings = resolve_database(settings)
+    assert settings.database_url
+    asyncio.run(_migrate(settings.database_url, "head"))
+    log.info("schema migrated; listening on http://%s:%d", settings.host, settings.port)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        lifespan="on",
+    )
+    return 0
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    settings = resolve_database(settings)
+    assert settings.database_url
+    if args.downgrade:
+        asyncio.run(_migrate(settings.database_url, args.downgrade, down=True))
+        print(f"downgraded to {args.downgrade}")
+    else:
+        asyncio.run(_migrate(settings.database_url, args.revision))
+        print(f"migrated to {args.revision}")
+    return 0
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    from service.auth import jwt_secret, mint_token
+
+    if not 1 <= len(args.user) <= 255:
+        print("chatlog token: USER must be 1 to 255 characters", file=sys.stderr)
+        return 2
+    if args.ttl <= 0:
+        print("chatlog token: --ttl must be a positive number of seconds", file=sys.stderr)
+        return 2
+    print(mint_token(jwt_secret(settings), args.user, args.ttl))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatlog",
+        description="An event-sourced conversation log service. Settings come from CHATLOG_* variables.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="migrate, then serve the HTTP API")
+    serve.add_argument("--host", help="address to listen on (CHATLOG_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (CHATLOG_PORT, default 8000)")
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = sub.add_parser("migrate", help="upgrade the database schema (or --downgrade it)")
+    migrate.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
+    migrate.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION instead (e.g. base)")
+    migrate.set_defaults(func=cmd_migrate)
+
+    token = sub.add_parser("token", help="print a development JWT for USER")
+    token.add_argument("user", metavar="USER", help="the token's subject (1-255 characters)")
+    token.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="lifetime (default 3600)")
+    token.set_defaults(func=cmd_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"chatlog: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    result: int = args.func(settings, args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Where the database is: a configured server, or an embedded PostgreSQL under the data directory.
+
+Also runs the alembic migrations, from inside a running event loop (the cookbook's
+connection-sharing recipe) so that `chatlog serve` can migrate before it listens.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+log = logging.getLogger(__name__)
+
+_embedded: dict[Path, Any] = {}
+
+
+def embedded_url(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL under `data_dir/postgres` and return its URL.
+
+    The server keeps running while this process lives and is stopped at its exit (pgserver
+    counts the processes that use one data directory and stops it with the last of them).
+    """
+    import pgserver  # imported here: only the embedded mode needs it
+
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pgdata = data_dir / "postgres"
+    server = _embedded.get(pgdata)
+    if server is None:
+        log.info("starting embedded PostgreSQL in %s", pgdata)
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        _embedded[pgdata] = server
+    return asyncpg_url(server.get_uri())
+
+
+def asyncpg_url(libpq_uri: str) -> str:
+    """`postgresql://user:@/db?host=/socket/dir` -> the SQLAlchemy asyncpg form."""
+    parts = urlsplit(libpq_uri)
+    host = parse_qs(parts.query).get("host", [""])[0]
+    user = parts.username or "postgres"
+    database = parts.path.lstrip("/") or "postgres"
+    return f"postgresql+asyncpg://{user}@/{database}?host={host}"
+
+
+def make_engine(url: str, *, pool_size: int = 20, **kwargs: Any) -> AsyncEngine:
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=False,
+        **kwargs,
+    )
+
+
+def migrations_dir() -> Path:
+    """The alembic script directory: packaged in the wheel, or the checkout's `alembic/`."""
+    packaged = Path(__file__).parent / "_migrations"
+    if (packaged / "env.py").exists():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "alembic"
+
+
+def alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
+    """Upgrade the schema to `revision`, serialized by an advisory lock across processes."""
+    await _run_alembic(engine, lambda cfg: command.upgrade(cfg, revision))
+
+
+async def downgrade(engine: AsyncEngine, revision: str = "base") -> None:
+    await _run_alembic(engine, lambda cfg: command.downgrade(cfg, revision))
+
+
+_MIGRATION_LOCK = 0x63686C6D  # "chlm": one migration at a time across processes
+
+
+async def _run_alembic(engine: AsyncEngine, action: Any) -> None:
+    def run(sync_conn: Connection) -> None:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = sync_conn
+        action(cfg)
+
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+        await conn.run_sync(run)
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    async with engine.connect() as conn:
+        exists = await conn.scalar(text("SELECT to_regclass('alembic_version') IS NOT NULL"))
+        if not exists:
+            return None
+        rev: str | None = await conn.scalar(text("SELECT version_num FROM alembic_version"))
+        return rev

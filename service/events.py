@@ -1,0 +1,109 @@
+"""The domain events: one msgspec tagged union, validated before any SQL, upcast on read.
+
+Every string an event carries is free of NUL characters and lone surrogates (PostgreSQL's
+jsonb refuses both, so they must be stopped here, as a validation error, not at the database).
+The limits here are the log's own ceilings; the HTTP API enforces its configured limits, which
+may be lower, before it builds an event.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+CLEAN_TEXT: Final = "^[^\x00\ud800-\udfff]*$"
+MAX_CONTENT: Final = 32_768
+MAX_TITLE: Final = 200
+MAX_METADATA_KEYS: Final = 16
+MAX_METADATA_KEY: Final = 64
+MAX_METADATA_VALUE: Final = 512
+
+Title = Annotated[str, msgspec.Meta(max_length=MAX_TITLE, pattern=CLEAN_TEXT)]
+Content = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CONTENT, pattern=CLEAN_TEXT)]
+MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_METADATA_KEY, pattern=CLEAN_TEXT)]
+MetadataValue = Annotated[str, msgspec.Meta(max_length=MAX_METADATA_VALUE, pattern=CLEAN_TEXT)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], msgspec.Meta(max_length=MAX_METADATA_KEYS)]
+Role = Literal["user", "assistant", "system", "tool"]
+
+
+class EventValidationError(ValueError):
+    """An event that must not enter the log; raised before any SQL is sent."""
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"):
+    """Base of every event. Its type's schema version is stored in the event's metadata."""
+
+
+class ConversationStarted(Event, tag="conversation.started"):
+    title: Title = ""
+    metadata: Metadata = msgspec.field(default_factory=dict)
+
+
+class MessageAppended(Event, tag="message.appended"):
+    message_id: uuid.UUID
+    role: Role
+    content: Content
+    metadata: Metadata = msgspec.field(default_factory=dict)
+
+
+class ConversationUpdated(Event, tag="conversation.updated"):
+    title: Title | None = None
+    metadata: Metadata | None = None
+
+
+class ConversationDeleted(Event, tag="conversation.deleted"):
+    pass
+
+
+DomainEvent = ConversationStarted | MessageAppended | ConversationUpdated | ConversationDeleted
+EVENT_TYPES: Final[dict[str, type[Event]]] = {
+    cls.__struct_config__.tag: cls  # type: ignore[misc]
+    for cls in (ConversationStarted, MessageAppended, ConversationUpdated, ConversationDeleted)
+}
+
+# The current schema version of each event type. An upcaster turns the data of version n of
+# a type into version n + 1; stored events are never rewritten.
+SCHEMA_VERSIONS: Final[dict[str, int]] = dict.fromkeys(EVENT_TYPES, 1)
+UPCASTERS: Final[dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]]] = {}
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(DomainEvent)
+
+
+def event_type(event: Event) -> str:
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def encode_validated(event: object) -> bytes:
+    """The event's JSON, after checking it against its type's constraints.
+
+    msgspec checks constraints only when decoding, so the encoded form is decoded once more.
+    """
+    if not isinstance(event, Event) or type(event) not in EVENT_TYPES.values():
+        raise EventValidationError(f"unknown event type: {type(event).__name__}")
+    try:
+        data = _encoder.encode(event)
+        _decoder.decode(data)
+    except UnicodeEncodeError as exc:
+        raise EventValidationError(f"{event_type(event)}: text contains a lone surrogate") from exc
+    except (msgspec.ValidationError, msgspec.EncodeError) as exc:
+        raise EventValidationError(f"{event_type(event)}: {exc}") from exc
+    return data
+
+
+def decode_event(type_: str, data: str | bytes, schema_version: int = 1) -> DomainEvent:
+    """Decode stored event data, upcasting older schema versions to the current one."""
+    current = SCHEMA_VERSIONS.get(type_)
+    if current is None:
+        raise EventValidationError(f"unknown event type in the log: {type_}")
+    if schema_version == current:
+        return _decoder.decode(data)
+    raw: dict[str, Any] = msgspec.json.decode(data)
+    for version in range(schema_version, current):
+        raw = UPCASTERS[(type_, version)](raw)
+    return msgspec.convert(raw, DomainEvent)  # type: ignore[arg-type]

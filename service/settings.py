@@ -1,0 +1,45 @@
+"""One typed settings object, read from the environment once and passed in."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+
+class SettingsError(ValueError):
+    """A setting in the environment cannot be used."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    database_url: str | None = None
+    data_dir: Path = Path(".chatlog")
+    jwt_secret: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db_pool_size: int = 20
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in msgspec.structs.fields(cls):
+            raw = env.get(f"CHATLOG_{field.name.upper()}")
+            if raw is not None and raw != "":
+                values[field.name] = raw
+        try:
+            return msgspec.convert(values, cls, strict=False, dec_hook=_decode_path)
+        except msgspec.ValidationError as exc:
+            raise SettingsError(f"invalid CHATLOG_* setting: {exc}") from exc
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return msgspec.structs.replace(self, **changes)
+
+
+def _decode_path(type_: type, value: object) -> object:
+    if type_ is Path and isinstance(value, str):
+        return Path(value)
+    raise NotImplementedError
