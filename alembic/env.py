@@ -8,9 +8,10 @@ engine from CHATLOG_DATABASE_URL.
 import asyncio
 import os
 
-from alembic import context
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from alembic import context
 
 config = context.config
 

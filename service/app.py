@@ -11,6 +11,7 @@ from litestar.datastructures import State
 from litestar.response import Response
 from sqlalchemy import text
 
+from service.connections import ConnectionPool
 from service.database import head_revision, make_engine
 from service.eventstore import EventStore
 from service.settings import Settings
@@ -66,12 +67,14 @@ def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine = make_engine(url, pool_size=settings.db_pool_size)
+        pool = ConnectionPool(url, size=settings.db_pool_size)
         app.state.engine = engine
-        app.state.store = EventStore(engine)
+        app.state.store = EventStore(pool)
         try:
             yield
         finally:
             await app.state.store.aclose()
+            await pool.close()
             await engine.dispose()
 
     return Litestar(

@@ -11,7 +11,7 @@ import jwt
 
 from service.settings import Settings
 
-SECRET_FILE = "jwt_secret"
+SECRET_FILE = "jwt_secret"  # noqa: S105 (a file name, not a secret)
 
 
 def jwt_secret(settings: Settings) -> str:

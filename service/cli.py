@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -32,6 +33,21 @@ async def _migrate(url: str, revision: str, *, down: bool = False) -> None:
         await engine.dispose()
 
 
+def _exit_on_signals() -> None:
+    """SIGTERM and SIGINT end the process through SystemExit, so that exit handlers run.
+
+    uvicorn shuts down gracefully, restores these handlers and re-raises the signal; with the
+    default SIGTERM action the process would die there, and the embedded PostgreSQL (stopped by
+    an exit handler) would be left running.
+    """
+
+    def exit_now(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, exit_now)
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -40,6 +56,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings = settings.with_overrides(
         host=args.host or settings.host, port=args.port if args.port is not None else settings.port
     )
+    _exit_on_signals()
     settings = resolve_database(settings)
     assert settings.database_url
     asyncio.run(_migrate(settings.database_url, "head"))
@@ -111,7 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"chatlog: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     result: int = args.func(settings, args)
     return result

@@ -37,24 +37,24 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """Base of every event. Its type's schema version is stored in the event's metadata."""
 
 
-class ConversationStarted(Event, tag="conversation.started"):
+class ConversationStarted(Event, tag="conversation.started", frozen=True):
     title: Title = ""
     metadata: Metadata = msgspec.field(default_factory=dict)
 
 
-class MessageAppended(Event, tag="message.appended"):
+class MessageAppended(Event, tag="message.appended", frozen=True):
     message_id: uuid.UUID
     role: Role
     content: Content
     metadata: Metadata = msgspec.field(default_factory=dict)
 
 
-class ConversationUpdated(Event, tag="conversation.updated"):
+class ConversationUpdated(Event, tag="conversation.updated", frozen=True):
     title: Title | None = None
     metadata: Metadata | None = None
 
 
-class ConversationDeleted(Event, tag="conversation.deleted"):
+class ConversationDeleted(Event, tag="conversation.deleted", frozen=True):
     pass
 
 
@@ -70,7 +70,7 @@ SCHEMA_VERSIONS: Final[dict[str, int]] = dict.fromkeys(EVENT_TYPES, 1)
 UPCASTERS: Final[dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]]] = {}
 
 _encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(DomainEvent)
+_decoder: msgspec.json.Decoder[DomainEvent] = msgspec.json.Decoder(DomainEvent)
 
 
 def event_type(event: Event) -> str:
@@ -106,4 +106,5 @@ def decode_event(type_: str, data: str | bytes, schema_version: int = 1) -> Doma
     raw: dict[str, Any] = msgspec.json.decode(data)
     for version in range(schema_version, current):
         raw = UPCASTERS[(type_, version)](raw)
-    return msgspec.convert(raw, DomainEvent)  # type: ignore[arg-type]
+    upcast: DomainEvent = msgspec.convert(raw, DomainEvent)
+    return upcast

@@ -1,10 +1,11 @@
 """The event store: append to a stream, read a stream, read the log gap-safely.
 
-An append is one SQL statement, so that in autocommit mode it is exactly one transaction and
-one round trip: the statement reads the stream's head and any earlier use of the idempotency
-key, then inserts the command's events only if the key is new, the stream belongs to the user
-and the expected version (if any) holds. A lost race on `(stream_id, stream_version)` or on the
-idempotency key is a unique violation; the append then runs again and sees the winner.
+An append is one INSERT ... SELECT, so that outside a transaction it is exactly one transaction
+and one round trip: it reads the stream's head in the same statement and inserts the command's
+events after it, only if the stream is new or the user's own and the expected version (if any)
+holds. When it inserts nothing, or a unique index refuses it, a second query says why: the
+idempotency key was used before (replay it, or a mismatch), the stream is another user's, the
+version is stale, or a concurrent append won the race (run again).
 
 Reading the global log follows DESIGN.md: `(tx_id, position)` order, and only events of
 transactions older than every transaction still running, so that an event committed late with
@@ -18,16 +19,16 @@ import hashlib
 import logging
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
+import asyncpg
 import msgspec
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from service.connections import ConnectionPool
 from service.events import (
+    CLEAN_TEXT,
     SCHEMA_VERSIONS,
     DomainEvent,
     Event,
@@ -44,6 +45,15 @@ NOTIFY_CHANNEL: Final = "chatlog_events"
 MAX_EVENTS_PER_APPEND: Final = 100
 MAX_APPEND_ATTEMPTS: Final = 200
 _IDEMPOTENCY_KEY_CHARS: Final = frozenset(chr(c) for c in range(0x20, 0x7F))
+
+_CleanShort = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=CLEAN_TEXT)]
+_CleanValue = Annotated[str, msgspec.Meta(max_length=1024, pattern=CLEAN_TEXT)]
+CommandMetadata = Annotated[dict[_CleanShort, _CleanValue], msgspec.Meta(max_length=16)]
+"""What a command may record about itself in its events' metadata (request id and the like)."""
+
+_PLAIN_METADATA: Final = {
+    t: msgspec.json.encode({"schema_version": v}).decode() for t, v in SCHEMA_VERSIONS.items()
+}
 
 
 class NotFound(Exception):
@@ -103,70 +113,87 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
         return Checkpoint(self.tx_id, self.position)
 
 
-_APPEND = text(
-    """
-    WITH head AS (
-        SELECT stream_version, user_id FROM events
-        WHERE stream_id = :stream_id ORDER BY stream_version DESC LIMIT 1
-    ), prior AS (
-        SELECT tx_id, request_fingerprint FROM events
-        WHERE user_id = :user_id AND idempotency_key = :key
-    ), base AS (
-        SELECT coalesce((SELECT stream_version FROM head), 0) AS version,
-               (SELECT user_id FROM head) AS owner
-    ), ins AS (
-        INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
-                            idempotency_key, request_fingerprint)
-        SELECT e.event_id, :stream_id, base.version + e.ord::int, :user_id, e.type,
-               e.data::jsonb, e.metadata::jsonb,
-               CASE WHEN e.ord = 1 THEN :key END, CASE WHEN e.ord = 1 THEN :fingerprint END
-        FROM base, unnest(CAST(:event_ids AS uuid[]), CAST(:types AS text[]), CAST(:datas AS text[]),
-                          CAST(:metadatas AS text[])) WITH ORDINALITY AS e(event_id, type, data, metadata, ord)
-        WHERE NOT EXISTS (SELECT 1 FROM prior)
-          AND (base.owner IS NULL OR base.owner = :user_id)
-          AND (CAST(:expected AS integer) IS NULL OR base.version = CAST(:expected AS integer))
-        RETURNING position, stream_version
-    )
-    SELECT (SELECT array_agg(position ORDER BY stream_version) FROM ins) AS positions,
-           base.version, base.owner,
-           (SELECT tx_id FROM prior) AS prior_tx,
-           (SELECT request_fingerprint FROM prior) AS prior_fingerprint
-    FROM base
-    """
+_HEAD = "SELECT stream_version, user_id FROM events WHERE stream_id = $1 ORDER BY stream_version DESC LIMIT 1"
+
+_APPEND_ONE = f"""
+INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
+                    idempotency_key, request_fingerprint)
+SELECT $3, $1, coalesce(head.stream_version, 0) + 1, $2, $4, $5::jsonb, $6::jsonb, $8::text, $9::bytea
+FROM (SELECT) AS one
+LEFT JOIN LATERAL ({_HEAD}) AS head ON true
+WHERE coalesce(head.user_id, $2) = $2
+  AND ($7::integer IS NULL OR coalesce(head.stream_version, 0) = $7::integer)
+RETURNING position, stream_version
+"""
+
+_APPEND_MANY = f"""
+INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
+                    idempotency_key, request_fingerprint)
+SELECT e.event_id, $1, coalesce(head.stream_version, 0) + e.ord::integer, $2, e.type,
+       e.data::jsonb, e.metadata::jsonb,
+       CASE WHEN e.ord = 1 THEN $8::text END, CASE WHEN e.ord = 1 THEN $9::bytea END
+FROM unnest($3::uuid[], $4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS e(event_id, type, data, metadata, ord)
+LEFT JOIN LATERAL ({_HEAD}) AS head ON true
+WHERE coalesce(head.user_id, $2) = $2
+  AND ($7::integer IS NULL OR coalesce(head.stream_version, 0) = $7::integer)
+ORDER BY e.ord
+RETURNING position, stream_version
+"""
+
+# The same appends at a version the caller knows (the stream's remembered head): a plain insert.
+# Should the stream have moved on, the unique (stream_id, stream_version) index refuses it.
+_APPEND_ONE_AT = """
+INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
+                    idempotency_key, request_fingerprint)
+VALUES ($3, $1, $7::integer + 1, $2, $4, $5::jsonb, $6::jsonb, $8::text, $9::bytea)
+RETURNING position, stream_version
+"""
+
+_APPEND_MANY_AT = """
+INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
+                    idempotency_key, request_fingerprint)
+SELECT e.event_id, $1, $7::integer + e.ord::integer, $2, e.type, e.data::jsonb, e.metadata::jsonb,
+       CASE WHEN e.ord = 1 THEN $8::text END, CASE WHEN e.ord = 1 THEN $9::bytea END
+FROM unnest($3::uuid[], $4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS e(event_id, type, data, metadata, ord)
+ORDER BY e.ord
+RETURNING position, stream_version
+"""
+
+# The events a keyed command appended: its first event carries the key; the rest share its
+# stream, its transaction and the key in their metadata.
+_PRIOR_COMMAND = """
+SELECT e.position, e.stream_version, first.request_fingerprint
+FROM events AS first
+JOIN events AS e ON e.stream_id = first.stream_id AND e.tx_id = first.tx_id
+                AND e.metadata->>'idempotency_key' = first.idempotency_key
+WHERE first.user_id = $1 AND first.idempotency_key = $2
+ORDER BY e.position
+"""
+
+_COLUMNS = "position, event_id, stream_id, stream_version, user_id, type, data::text, metadata::text, recorded_at, tx_id"
+
+_READ_STREAM = (
+    f"SELECT {_COLUMNS} FROM events WHERE stream_id = $1 AND user_id = $2 "
+    "AND stream_version > $3 ORDER BY stream_version"
 )
 
-_COMMAND_EVENTS = text(
-    "SELECT position, stream_version FROM events WHERE tx_id = :tx_id AND user_id = :user_id "
-    "ORDER BY position"
-)
+# DESIGN.md's rule: (tx_id, position) order, below the oldest running transaction.
+_READ_ALL = f"""
+SELECT {_COLUMNS} FROM events
+WHERE (tx_id, position) > ($1::xid8, $2::bigint)
+  AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY tx_id, position
+LIMIT $3
+"""
 
-_COLUMNS = "position, event_id, stream_id, stream_version, user_id, type, data, metadata, recorded_at, tx_id"
-
-_READ_STREAM = text(
-    f"SELECT {_COLUMNS} FROM events WHERE stream_id = :stream_id AND user_id = :user_id "
-    "AND stream_version > :after ORDER BY stream_version"
-)
-
-_READ_ALL = text(
-    f"""
-    SELECT {_COLUMNS} FROM events
-    WHERE (tx_id, position) > (CAST(:tx_id AS xid8), :position)
-      AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-    ORDER BY tx_id, position
-    LIMIT :limit
-    """
-)
-
-_READ_USER = text(
-    f"""
-    SELECT {_COLUMNS} FROM events
-    WHERE user_id = :user_id
-      AND (tx_id, position) > (CAST(:tx_id AS xid8), :position)
-      AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-    ORDER BY tx_id, position
-    LIMIT :limit
-    """
-)
+_READ_USER = f"""
+SELECT {_COLUMNS} FROM events
+WHERE user_id = $4
+  AND (tx_id, position) > ($1::xid8, $2::bigint)
+  AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY tx_id, position
+LIMIT $3
+"""
 
 
 def validate_user_id(user_id: str) -> None:
@@ -199,7 +226,7 @@ def fingerprint_of(stream_id: uuid.UUID, expected_version: int | None, encoded: 
 
 
 async def append(
-    conn: AsyncConnection,
+    conn: asyncpg.Connection,
     user_id: str,
     stream_id: uuid.UUID,
     events: Sequence[Event],
@@ -208,11 +235,14 @@ async def append(
     idempotency_key: str | None = None,
     fingerprint: bytes | None = None,
     metadata: dict[str, Any] | None = None,
+    heads: StreamHeads | None = None,
 ) -> Appended:
     """Append `events` to a stream of `user_id` as one transaction.
 
-    `conn` is best in autocommit mode (see `EventStore`): each attempt is then its own
-    transaction. Inside an explicit transaction each attempt runs in a savepoint.
+    Outside a transaction each attempt is one statement, so one transaction; inside the
+    caller's transaction each attempt runs in a savepoint (and commits with the caller).
+    `heads` (outside transactions only) lets it insert at a stream's remembered head without
+    looking the head up.
 
     - `expected_version`: the stream's version the caller saw (0: the stream must not exist);
       a stale one raises `VersionConflict` and writes nothing. Without it the events go after
@@ -235,72 +265,150 @@ async def append(
         validate_idempotency_key(idempotency_key)
     encoded = [encode_validated(event) for event in events]
     types = [event_type(event) for event in events]
-    common = dict(metadata or {})
-    if idempotency_key is not None:
-        common["idempotency_key"] = idempotency_key
-        if fingerprint is None:
-            fingerprint = fingerprint_of(stream_id, expected_version, encoded)
-    else:
+    if idempotency_key is None:
         fingerprint = None
-    try:
-        metadatas = [msgspec.json.encode({**common, "schema_version": SCHEMA_VERSIONS[t]}).decode() for t in types]
-    except (UnicodeEncodeError, TypeError, msgspec.EncodeError) as exc:
-        raise EventValidationError(f"metadata cannot be stored: {exc}") from exc
-    _require_clean("metadata", "".join(metadatas))
-    params = {
-        "stream_id": stream_id,
-        "user_id": user_id,
-        "key": idempotency_key,
-        "fingerprint": fingerprint,
-        "expected": expected_version,
-        "event_ids": [uuid7() for _ in events],
-        "types": types,
-        "datas": [data.decode() for data in encoded],
-        "metadatas": metadatas,
-    }
-    autocommit = conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
-    for attempt in range(MAX_APPEND_ATTEMPTS):
+    elif fingerprint is None:
+        fingerprint = fingerprint_of(stream_id, expected_version, encoded)
+    if metadata is None and idempotency_key is None:
+        metadatas = [_PLAIN_METADATA[t] for t in types]
+    else:
         try:
-            if autocommit:
-                row = (await conn.execute(_APPEND, params)).one()
+            common: dict[str, Any] = msgspec.convert(metadata or {}, CommandMetadata)
+        except msgspec.ValidationError as exc:
+            raise EventValidationError(f"command metadata: {exc}") from exc
+        if idempotency_key is not None:
+            common["idempotency_key"] = idempotency_key
+        metadatas = [
+            msgspec.json.encode({**common, "schema_version": SCHEMA_VERSIONS[t]}).decode() for t in types
+        ]
+    one = len(events) == 1
+    if one:
+        values: tuple[Any, ...] = (stream_id, user_id, uuid7(), types[0], encoded[0].decode(), metadatas[0])
+    else:
+        values = (
+            stream_id,
+            user_id,
+            [uuid7() for _ in events],
+            types,
+            [d.decode() for d in encoded],
+            metadatas,
+        )
+
+    in_transaction = conn.is_in_transaction()
+    if in_transaction:
+        heads = None  # what a transaction sees may yet roll back: remember only committed heads
+    for attempt in range(MAX_APPEND_ATTEMPTS):
+        known = heads.get(stream_id) if heads is not None else None
+        at: int | None = None
+        if known is not None:
+            owner, version = known
+            _check_head(stream_id, user_id, expected_version, owner, version, exact=False)
+            if expected_version is None or expected_version == version:
+                at = version
+        if at is None:
+            statement = _APPEND_ONE if one else _APPEND_MANY
+            args = (*values, expected_version, idempotency_key, fingerprint)
+        else:
+            statement = _APPEND_ONE_AT if one else _APPEND_MANY_AT
+            args = (*values, at, idempotency_key, fingerprint)
+        try:
+            if in_transaction:
+                async with conn.transaction():  # a savepoint, so that a lost race can be retried
+                    rows = await conn.fetch(statement, *args)
             else:
-                async with conn.begin_nested():
-                    row = (await conn.execute(_APPEND, params)).one()
-        except IntegrityError as exc:
-            if _constraint(exc) not in ("events_stream_version_key", "events_user_idempotency_key"):
+                rows = await conn.fetch(statement, *args)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "events_user_idempotency_key":
+                assert idempotency_key is not None and fingerprint is not None
+                replayed = await _prior_command(conn, user_id, idempotency_key, fingerprint)
+                if replayed is not None:
+                    return replayed
+            elif exc.constraint_name != "events_stream_version_key":
                 raise
-            # Lost a race: the winner has committed by now (the unique index waited for it).
+            # Lost a race, or the remembered head was stale; the winner has committed (the
+            # unique index waited for it).
+            if heads is not None:
+                heads.forget(stream_id)
             if attempt >= 3:
                 await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 20)))
             continue
-        positions, version, owner, prior_tx, prior_fingerprint = row
-        if prior_tx is not None:
-            if prior_fingerprint != fingerprint:
-                raise IdempotencyMismatch(f"idempotency key {idempotency_key!r} was used for another request")
-            rows = (await conn.execute(_COMMAND_EVENTS, {"tx_id": prior_tx, "user_id": user_id})).all()
-            return Appended(
-                positions=tuple(r[0] for r in rows), versions=tuple(r[1] for r in rows), replayed=True
-            )
-        if owner is not None and owner != user_id:
-            if expected_version == 0:
-                raise VersionConflict(0, version)
-            raise NotFound(str(stream_id))
-        if positions is None:
-            assert expected_version is not None
-            raise VersionConflict(expected_version, version)
-        return Appended(positions=tuple(positions), versions=tuple(range(version + 1, version + 1 + len(events))))
+        if rows:
+            if heads is not None:
+                heads.remember(stream_id, user_id, rows[-1][1])
+            return Appended(positions=tuple(r[0] for r in rows), versions=tuple(r[1] for r in rows))
+        # Nothing inserted: the key was used before, or the stream refused the append.
+        if idempotency_key is not None:
+            assert fingerprint is not None
+            replayed = await _prior_command(conn, user_id, idempotency_key, fingerprint)
+            if replayed is not None:
+                return replayed
+        head = await conn.fetchrow(_HEAD, stream_id)
+        if head is not None:
+            if heads is not None:
+                heads.remember(stream_id, head[1], head[0])
+            _check_head(stream_id, user_id, expected_version, head[1], head[0], exact=True)
+        elif expected_version is not None and expected_version != 0:
+            raise VersionConflict(expected_version, 0)
+        # The head moved between the two statements: run again.
     raise RuntimeError(f"append to stream {stream_id} lost {MAX_APPEND_ATTEMPTS} races in a row")
 
 
-def _constraint(exc: DBAPIError) -> str | None:
-    cause = exc.orig.__cause__ if exc.orig is not None else None
-    name = getattr(cause, "constraint_name", None)
-    return name if isinstance(name, str) else None
+def _check_head(
+    stream_id: uuid.UUID, user_id: str, expected: int | None, owner: str, version: int, *, exact: bool
+) -> None:
+    """Refuse an append to another user's stream, or one whose expected version is stale.
+
+    With `exact=False` the head is a remembered one, which the stream may have passed since:
+    only an expected version below it is certainly stale.
+    """
+    if owner != user_id:
+        if expected == 0:
+            raise VersionConflict(0, version)
+        raise NotFound(str(stream_id))
+    if expected is not None and (expected < version or (exact and expected != version)):
+        raise VersionConflict(expected, version)
 
 
-def _recorded(row: Any) -> RecordedEvent:
+class StreamHeads:
+    """The last committed version (and the owner) of recently appended streams, bounded.
+
+    Only committed heads are remembered and the log never shrinks, so a stream's true head is
+    never below the remembered one: an insert at remembered + 1 either fits exactly or is refused
+    by the unique index, and versions stay gapless.
+    """
+
+    def __init__(self, size: int = 65_536) -> None:
+        self.size = size
+        self._heads: dict[uuid.UUID, tuple[str, int]] = {}
+
+    def get(self, stream_id: uuid.UUID) -> tuple[str, int] | None:
+        return self._heads.get(stream_id)
+
+    def remember(self, stream_id: uuid.UUID, owner: str, version: int) -> None:
+        self._heads.pop(stream_id, None)
+        self._heads[stream_id] = (owner, version)
+        if len(self._heads) > self.size:
+            del self._heads[next(iter(self._heads))]
+
+    def forget(self, stream_id: uuid.UUID) -> None:
+        self._heads.pop(stream_id, None)
+
+
+async def _prior_command(
+    conn: asyncpg.Connection, user_id: str, key: str, fingerprint: bytes
+) -> Appended | None:
+    rows = await conn.fetch(_PRIOR_COMMAND, user_id, key)
+    if not rows:
+        return None
+    if rows[0][2] != fingerprint:
+        raise IdempotencyMismatch(f"idempotency key {key!r} was used for another request")
+    return Appended(positions=tuple(r[0] for r in rows), versions=tuple(r[1] for r in rows), replayed=True)
+
+
+def recorded(row: Any) -> RecordedEvent:
+    """A row of `_COLUMNS` as a decoded event."""
     position, event_id, stream_id, version, user_id, type_, data, metadata, recorded_at, tx_id = row
-    meta = msgspec.json.decode(metadata) if isinstance(metadata, str) else metadata
+    meta: dict[str, Any] = msgspec.json.decode(metadata)
     return RecordedEvent(
         position=position,
         event_id=event_id,
@@ -315,53 +423,51 @@ def _recorded(row: Any) -> RecordedEvent:
 
 
 async def read_stream(
-    conn: AsyncConnection, user_id: str, stream_id: uuid.UUID, *, after_version: int = 0
+    conn: asyncpg.Connection, user_id: str, stream_id: uuid.UUID, *, after_version: int = 0
 ) -> list[RecordedEvent]:
     """One user's stream, in version order (empty for another user's stream)."""
-    rows = await conn.execute(_READ_STREAM, {"stream_id": stream_id, "user_id": user_id, "after": after_version})
-    return [_recorded(row) for row in rows]
+    return [recorded(row) for row in await conn.fetch(_READ_STREAM, stream_id, user_id, after_version)]
 
 
-async def read_all(conn: AsyncConnection, after: Checkpoint, limit: int = 1000) -> list[RecordedEvent]:
+async def read_all(conn: asyncpg.Connection, after: Checkpoint, limit: int = 1000) -> list[RecordedEvent]:
     """The next events of the whole log after `after`, gap-safely (see the module docstring).
 
     Run it before the transaction writes anything: the reader's own transaction id would
     otherwise hold the horizon back.
     """
-    rows = await conn.execute(_READ_ALL, {"tx_id": after.tx_id, "position": after.position, "limit": limit})
-    return [_recorded(row) for row in rows]
+    return [recorded(row) for row in await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)]
 
 
 async def read_user(
-    conn: AsyncConnection, user_id: str, after: Checkpoint, limit: int = 100
+    conn: asyncpg.Connection, user_id: str, after: Checkpoint, limit: int = 100
 ) -> list[RecordedEvent]:
     """One user's events after `after`, in the same gap-safe order as `read_all`."""
-    rows = await conn.execute(
-        _READ_USER, {"user_id": user_id, "tx_id": after.tx_id, "position": after.position, "limit": limit}
-    )
-    return [_recorded(row) for row in rows]
+    rows = await conn.fetch(_READ_USER, after.tx_id, after.position, limit, user_id)
+    return [recorded(row) for row in rows]
 
 
-async def checkpoint_of(conn: AsyncConnection, position: int) -> Checkpoint | None:
-    """The log order place of the event at `position`, if it exists and is visible."""
-    tx_id = await conn.scalar(text("SELECT tx_id FROM events WHERE position = :p"), {"p": position})
+async def checkpoint_of(conn: asyncpg.Connection, position: int) -> Checkpoint | None:
+    """The log-order place of the event at `position`, if it exists."""
+    tx_id = await conn.fetchval("SELECT tx_id FROM events WHERE position = $1", position)
     return None if tx_id is None else Checkpoint(int(tx_id), position)
 
 
 class EventStore:
-    """Appends on autocommit connections of one engine, and wakes listeners after commit.
+    """Appends on a connection pool and wakes listeners after commit.
 
-    The NOTIFY is sent after the append has committed, from a separate statement, and coalesced:
-    while one is in flight, further appends only mark that another is due. A NOTIFY inside the
-    appending transaction would take PostgreSQL's global notify lock until the commit record is
-    flushed, serializing every appending commit; workers also poll, so a lost wake-up only
-    delays them.
+    The NOTIFY is sent after the append has committed, from a separate statement, coalesced and
+    at most once per `notify_interval`: a NOTIFY inside the appending transaction would take
+    PostgreSQL's global notify lock until the commit record is flushed, serializing every
+    appending commit. Workers also poll, so a lost wake-up only delays them.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    def __init__(self, pool: ConnectionPool, *, notify_interval: float = 0.005) -> None:
+        self.pool = pool
+        self.notify_interval = notify_interval
         self._notify_due = False
         self._notifier: asyncio.Task[None] | None = None
+        self._local_listeners: list[Callable[[], None]] = []
+        self.heads = StreamHeads()
 
     async def append(
         self,
@@ -370,13 +476,19 @@ class EventStore:
         events: Sequence[Event],
         **options: Any,
     ) -> Appended:
-        async with self.engine.connect() as conn:
-            result = await append(conn, user_id, stream_id, events, **options)
+        async with self.pool.acquire() as conn:
+            result = await append(conn, user_id, stream_id, events, heads=self.heads, **options)
         if not result.replayed:
             self.wake_listeners()
         return result
 
+    def on_append(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every append of this process (in-process workers use it)."""
+        self._local_listeners.append(listener)
+
     def wake_listeners(self) -> None:
+        for listener in self._local_listeners:
+            listener()
         self._notify_due = True
         if self._notifier is None or self._notifier.done():
             self._notifier = asyncio.get_running_loop().create_task(self._send_notifies())
@@ -385,11 +497,12 @@ class EventStore:
         while self._notify_due:
             self._notify_due = False
             try:
-                async with self.engine.connect() as conn:
-                    await conn.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+                async with self.pool.acquire() as conn:
+                    await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
             except Exception:
                 log.warning("NOTIFY %s failed; listeners will poll", NOTIFY_CHANNEL, exc_info=True)
                 return
+            await asyncio.sleep(self.notify_interval)
 
     async def aclose(self) -> None:
         if self._notifier is not None:

@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.connections import ConnectionPool
 from service.database import embedded_url, make_engine, migrate
 from service.eventstore import EventStore
 
@@ -104,8 +105,15 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
-async def store(engine: AsyncEngine) -> AsyncIterator[EventStore]:
-    es = EventStore(engine)
+async def pool(db_url: str) -> AsyncIterator[ConnectionPool]:
+    p = ConnectionPool(db_url, size=60)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+async def store(pool: ConnectionPool) -> AsyncIterator[EventStore]:
+    es = EventStore(pool)
     yield es
     await es.aclose()
 

@@ -1,0 +1,152 @@
+"""Event-store append throughput next to a raw asyncpg insert loop, on the same server, same run.
+
+    python benchmarks/append.py [--seconds 5] [--rounds 3] [--concurrency 1 32]
+
+Runs on uvloop (the event loop `chatlog serve` uses), both contenders alike.
+Uses CHATLOG_DATABASE_URL when set, else an embedded PostgreSQL in a temporary directory. A
+fresh database `chatlog_bench_append` is created (and dropped at the end). Each round runs, for
+each concurrency, the raw loop and then the store for a fixed time; rounds alternate so drift
+hits both alike, and the median round is reported.
+
+- store: `EventStore.append` of one `message.appended` event: validation, a connection from the
+  store's pool, one INSERT ... SELECT that reads the stream head, and a coalesced NOTIFY after
+  commit; each task appends to its own conversation;
+- raw: one `INSERT INTO events ... VALUES (...)` per transaction, each task on a connection of
+  its own, the version computed client-side — the least any append to this table can cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from service.connections import ConnectionPool
+from service.database import embedded_url, make_engine, migrate
+from service.events import MessageAppended
+from service.eventstore import EventStore
+from service.ids import uuid7
+
+DB = "chatlog_bench_append"
+
+
+def libpq(url: str, database: str | None = None) -> str:
+    u = make_url(url).set(drivername="postgresql")
+    if database:
+        u = u.set(database=database)
+    return u.render_as_string(hide_password=False)
+
+
+async def run_for(seconds: float, concurrency: int, op: Callable[[int, int], Awaitable[None]]) -> float:
+    """Run `op(task, i)` in `concurrency` tasks for `seconds`; return operations per second."""
+    deadline = time.perf_counter() + seconds
+    counts = [0] * concurrency
+
+    async def worker(task: int) -> None:
+        i = 0
+        while time.perf_counter() < deadline:
+            await op(task, i)
+            i += 1
+        counts[task] = i
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(t) for t in range(concurrency)))
+    return sum(counts) / (time.perf_counter() - start)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    args = parser.parse_args()
+
+    server = os.environ.get("CHATLOG_DATABASE_URL") or embedded_url(
+        Path(tempfile.mkdtemp(prefix="chatlog-bench-"))
+    )
+    admin = await asyncpg.connect(libpq(server))
+    await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+    await admin.execute(f"CREATE DATABASE {DB}")
+    url = make_url(server).set(database=DB).render_as_string(hide_password=False)
+    top = max(args.concurrency)
+    engine = make_engine(url, pool_size=top)
+    await migrate(engine)
+    await engine.dispose()
+    store = EventStore(ConnectionPool(url, size=top))
+    # The raw loop's best case: each task keeps a connection of its own (no pool in between).
+    raw_conns = [await asyncpg.connect(libpq(url)) for _ in range(top)]
+    version = await raw_conns[0].fetchval("SHOW server_version")
+    sync_commit = await raw_conns[0].fetchval("SHOW synchronous_commit")
+    print(
+        f"PostgreSQL {version} (synchronous_commit={sync_commit}), {os.cpu_count()} cores, "
+        f"{args.seconds:g} s per measurement, {args.rounds} rounds"
+    )
+
+    content = "benchmark message " * 8
+    data = MessageAppended(message_id=uuid7(), role="user", content=content)
+    from service.events import encode_validated
+
+    data_json = encode_validated(data).decode()
+    streams: dict[tuple[int, int], uuid.UUID] = {}
+    phase = 0  # every measurement writes to conversations of its own
+
+    def stream(task: int) -> uuid.UUID:
+        return streams.setdefault((phase, task), uuid.uuid4())
+
+    async def store_op(task: int, i: int) -> None:
+        await store.append(
+            f"user{task}", stream(task), [MessageAppended(message_id=uuid7(), role="user", content=content)]
+        )
+
+    raw_sql = (
+        "INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata) "
+        "VALUES ($1, $2, $3, $4, 'message.appended', $5::jsonb, '{\"schema_version\": 1}'::jsonb)"
+    )
+
+    async def raw_op(task: int, i: int) -> None:
+        await raw_conns[task].execute(raw_sql, uuid7(), stream(task), i + 1, f"user{task}", data_json)
+
+    results: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.rounds):
+        for c in args.concurrency:
+            for kind, op in (("raw", raw_op), ("store", store_op)):
+                phase += 1
+                results.setdefault((kind, c), []).append(await run_for(args.seconds, c, op))
+
+    print(f"{'concurrency':>11} {'store ev/s':>11} {'raw ev/s':>10} {'ratio':>6}   rounds (store / raw)")
+    for c in args.concurrency:
+        s, r = statistics.median(results[("store", c)]), statistics.median(results[("raw", c)])
+        rounds = ", ".join(
+            f"{a:.0f}/{b:.0f}" for a, b in zip(results[("store", c)], results[("raw", c)], strict=True)
+        )
+        print(f"{c:>11} {s:>11.0f} {r:>10.0f} {s / r:>6.2f}   {rounds}")
+
+    await store.aclose()
+    await store.pool.close()
+    for conn in raw_conns:
+        await conn.close()
+    await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+    await admin.close()
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop  # the loop uvicorn serves on when it is installed, as it is with chatlog
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

@@ -1,0 +1,139 @@
+"""`chatlog` on a machine with no database installed: the embedded server, tokens, help."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
+    env["CHATLOG_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def chatlog(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def serve_until_healthy(env: dict[str, str], port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"chatlog serve exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("chatlog serve did not answer /healthz within 60 s")
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
+def test_serve_on_an_empty_data_dir_runs_embedded_postgres_and_reuses_it(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = clean_env(data_dir)
+    port = free_port()
+
+    proc = serve_until_healthy(env, port)
+    try:
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["schema_revision"] == ready.json()["expected_revision"]
+        pid_file = data_dir / "postgres" / "postmaster.pid"
+        postmaster = int(pid_file.read_text().split()[0])
+    finally:
+        out = stop(proc)
+    assert proc.returncode == 0, out
+    assert "Running upgrade" in out
+    # The embedded server stopped with the process that started it.
+    deadline = time.monotonic() + 10
+    while _alive(postmaster) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(postmaster)
+
+    proc = serve_until_healthy(env, port)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+    finally:
+        out = stop(proc)
+    assert "Running upgrade" not in out, "the second start should find the schema already migrated"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_token_uses_a_secret_generated_once_into_the_data_dir(tmp_path: Path) -> None:
+    env = clean_env(tmp_path / "data")
+    first = chatlog(env, "token", "alice", "--ttl", "120")
+    second = chatlog(env, "token", "bob")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    secret = (tmp_path / "data" / "jwt_secret").read_text().strip()
+    assert len(secret) >= 32
+    assert (tmp_path / "data" / "jwt_secret").stat().st_mode & 0o077 == 0
+    claims = jwt.decode(first.stdout.strip(), secret, algorithms=["HS256"])
+    assert claims["sub"] == "alice" and claims["exp"] - claims["iat"] == 120
+    assert jwt.decode(second.stdout.strip(), secret, algorithms=["HS256"])["sub"] == "bob"
+
+
+def test_token_prefers_the_configured_secret(tmp_path: Path) -> None:
+    env = clean_env(tmp_path / "data") | {"CHATLOG_JWT_SECRET": "configured-secret-of-enough-length-123"}
+    out = chatlog(env, "token", "carol")
+    assert (
+        jwt.decode(out.stdout.strip(), "configured-secret-of-enough-length-123", algorithms=["HS256"])["sub"]
+        == "carol"
+    )
+    assert not (tmp_path / "data" / "jwt_secret").exists()
+
+
+@pytest.mark.parametrize("args", [("token", ""), ("token", "x" * 256), ("token", "alice", "--ttl", "0")])
+def test_token_refuses_bad_arguments(tmp_path: Path, args: tuple[str, ...]) -> None:
+    result = chatlog(clean_env(tmp_path / "data"), *args)
+    assert result.returncode == 2 and result.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate", "token"])
+def test_every_command_has_help(tmp_path: Path, command: str) -> None:
+    result = chatlog(clean_env(tmp_path / "data"), command, "--help")
+    assert result.returncode == 0 and "usage: chatlog" in result.stdout
+
+
+def test_a_bad_setting_is_reported_not_a_traceback(tmp_path: Path) -> None:
+    env = clean_env(tmp_path / "data") | {"CHATLOG_PORT": "eighty"}
+    result = chatlog(env, "token", "alice")
+    assert result.returncode == 2 and "CHATLOG" in result.stderr and "Traceback" not in result.stderr
