@@ -67,17 +67,13 @@ async def run_for(seconds: float, concurrency: int, op: Callable[[int, int], Awa
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     args = parser.parse_args()
 
-    server = os.environ.get("CHATLOG_DATABASE_URL") or embedded_url(
-        Path(tempfile.mkdtemp(prefix="chatlog-bench-"))
-    )
+    server = os.environ.get("CHATLOG_DATABASE_URL") or embedded_url(Path(tempfile.mkdtemp(prefix="chatlog-bench-")))
     admin = await asyncpg.connect(libpq(server))
     await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     await admin.execute(f"CREATE DATABASE {DB}")
@@ -130,9 +126,7 @@ async def main() -> None:
     print(f"{'concurrency':>11} {'store ev/s':>11} {'raw ev/s':>10} {'ratio':>6}   rounds (store / raw)")
     for c in args.concurrency:
         s, r = statistics.median(results[("store", c)]), statistics.median(results[("raw", c)])
-        rounds = ", ".join(
-            f"{a:.0f}/{b:.0f}" for a, b in zip(results[("store", c)], results[("raw", c)], strict=True)
-        )
+        rounds = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(results[("store", c)], results[("raw", c)], strict=True))
         print(f"{c:>11} {s:>11.0f} {r:>10.0f} {s / r:>6.2f}   {rounds}")
 
     await store.aclose()

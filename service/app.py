@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,12 +11,15 @@ import msgspec
 from litestar import Litestar, get
 from litestar.datastructures import State
 from litestar.response import Response
-from sqlalchemy import text
 
+from projections import PROJECTIONS
+from projections.worker import ProjectionStatus, Worker, WorkerSettings, projection_status
 from service.connections import ConnectionPool
 from service.database import head_revision, make_engine
 from service.eventstore import EventStore
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class Health(msgspec.Struct):
@@ -26,10 +31,10 @@ class Readiness(msgspec.Struct):
     database: str
     schema_revision: str | None
     expected_revision: str
-    projections: dict[str, dict[str, int | float | str | None]]
+    projections: dict[str, ProjectionStatus]
 
 
-@get("/healthz", sync_to_thread=False, include_in_schema=True, tags=["operations"])
+@get("/healthz", sync_to_thread=False, tags=["operations"])
 def healthz() -> Health:
     """200 while the process runs."""
     return Health(status="ok")
@@ -37,23 +42,29 @@ def healthz() -> Health:
 
 @get("/readyz", tags=["operations"])
 async def readyz(state: State) -> Response[Readiness]:
-    """200 when the database answers and the schema is at the newest migration; 503 otherwise."""
+    """200 when the database answers, the schema is at the newest migration and no projection
+    has stopped on an event it could not apply; 503 otherwise. Lists each projection's position
+    and lag."""
     expected: str = state.head_revision
     revision: str | None = None
+    projections: dict[str, ProjectionStatus] = {}
     database = "ok"
     try:
-        async with state.engine.connect() as conn:
-            if await conn.scalar(text("SELECT to_regclass('alembic_version') IS NOT NULL")):
-                revision = await conn.scalar(text("SELECT version_num FROM alembic_version"))
+        async with state.pool.acquire() as conn:
+            if await conn.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL"):
+                revision = await conn.fetchval("SELECT version_num FROM alembic_version")
+            if revision == expected:
+                projections = await projection_status(conn, list(PROJECTIONS))
     except Exception:
+        log.warning("readiness check could not reach the database", exc_info=True)
         database = "unavailable"
-    ready = database == "ok" and revision == expected
+    ready = database == "ok" and revision == expected and all(p.status == "ok" for p in projections.values())
     body = Readiness(
         status="ready" if ready else "not_ready",
         database=database,
         schema_revision=revision,
         expected_revision=expected,
-        projections={},
+        projections=projections,
     )
     return Response(body, status_code=200 if ready else 503)
 
@@ -68,12 +79,16 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine = make_engine(url, pool_size=settings.db_pool_size)
         pool = ConnectionPool(url, size=settings.db_pool_size)
-        app.state.engine = engine
-        app.state.store = EventStore(pool)
+        store = EventStore(pool)
+        app.state.engine, app.state.pool, app.state.store = engine, pool, store
+        workers = start_workers(settings, store) if settings.run_workers else {}
         try:
             yield
         finally:
-            await app.state.store.aclose()
+            for worker, task in workers.items():
+                worker.stop()
+                await asyncio.gather(task, return_exceptions=True)
+            await store.aclose()
             await pool.close()
             await engine.dispose()
 
@@ -82,3 +97,19 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[lifespan],
         state=State({"settings": settings, "head_revision": head_revision()}),
     )
+
+
+def worker_settings(settings: Settings) -> WorkerSettings:
+    return WorkerSettings(batch_size=settings.projection_batch_size, poll_interval=settings.projection_poll_interval)
+
+
+def start_workers(settings: Settings, store: EventStore | None = None) -> dict[Worker, asyncio.Task[None]]:
+    """A worker task for every projection, woken by this process's own appends too."""
+    assert settings.database_url
+    workers: dict[Worker, asyncio.Task[None]] = {}
+    for projection in PROJECTIONS.values():
+        worker = Worker(settings.database_url, projection, worker_settings(settings))
+        if store is not None:
+            store.on_append(worker.wake)
+        workers[worker] = asyncio.get_running_loop().create_task(worker.run(), name=f"projection-{projection.name}")
+    return workers

@@ -54,7 +54,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from service.app import create_app
 
     settings = settings.with_overrides(
-        host=args.host or settings.host, port=args.port if args.port is not None else settings.port
+        host=args.host or settings.host,
+        port=args.port if args.port is not None else settings.port,
+        run_workers=settings.run_workers and not args.no_workers,
     )
     _exit_on_signals()
     settings = resolve_database(settings)
@@ -84,6 +86,97 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_project(settings: Settings, args: argparse.Namespace) -> int:
+    from projections import select
+    from projections.worker import Worker
+    from service.app import worker_settings
+
+    _exit_on_signals()
+    projections = select(args.names)
+    settings = resolve_database(settings)
+    url = settings.database_url
+    assert url
+
+    async def run() -> int:
+        workers = [Worker(url, p, worker_settings(settings)) for p in projections]
+
+        def stop_all() -> None:
+            for worker in workers:
+                worker.stop()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_all)
+        await asyncio.gather(*(w.run() for w in workers))
+        return 1 if any(w.failure for w in workers) else 0
+
+    return asyncio.run(run())
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from projections import select
+    from projections.replay import replay, terminal_progress
+
+    _exit_on_signals()
+    projections = select(args.names)
+    settings = resolve_database(settings)
+    url = settings.database_url
+    assert url
+
+    async def run() -> None:
+        for projection in projections:
+            total = await _count_events(url)
+            started = asyncio.get_running_loop().time()
+            checkpoint = await replay(
+                url, projection, batch_size=settings.replay_batch_size,
+                progress=terminal_progress(projection.name, total),
+            )  # fmt: skip
+            seconds = asyncio.get_running_loop().time() - started
+            print(
+                f"\nreplayed {projection.name}: {total:,} events in {seconds:.1f} s; "
+                f"now at position {checkpoint.position}"
+            )
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    from projections import select
+    from projections.replay import differences_report, verify
+
+    projections = select(args.names)
+    settings = resolve_database(settings)
+    url = settings.database_url
+    assert url
+
+    async def run() -> int:
+        status = 0
+        for projection in projections:
+            differences = await verify(url, projection, batch_size=settings.replay_batch_size)
+            if differences:
+                status = 1
+                print(f"{projection.name}: {len(differences)} row(s) differ from a fresh fold of the log")
+                print(differences_report(differences))
+            else:
+                print(f"{projection.name}: the read tables equal a fresh fold of the log")
+        return status
+
+    return asyncio.run(run())
+
+
+async def _count_events(url: str) -> int:
+    import asyncpg
+
+    from service.connections import connect_args
+
+    conn = await asyncpg.connect(**connect_args(url))
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM events"))
+    finally:
+        await conn.close()
+
+
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     from service.auth import jwt_secret, mint_token
 
@@ -107,7 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="migrate, then serve the HTTP API")
     serve.add_argument("--host", help="address to listen on (CHATLOG_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (CHATLOG_PORT, default 8000)")
+    serve.add_argument(
+        "--no-workers", action="store_true", help="do not run the projection workers here (run `chatlog project`)"
+    )
     serve.set_defaults(func=cmd_serve)
+
+    project = sub.add_parser("project", help="run the projection workers (until SIGTERM or Ctrl-C)")
+    project.add_argument("names", nargs="*", metavar="NAME", help="projections to run (default: all)")
+    project.set_defaults(func=cmd_project)
+
+    replay = sub.add_parser("replay", help="rebuild read tables from the log and swap them in")
+    replay.add_argument("names", nargs="*", metavar="NAME", help="projections to rebuild (default: all)")
+    replay.set_defaults(func=cmd_replay)
+
+    verify = sub.add_parser("verify", help="refold the log and report read-table rows that differ (exit 1)")
+    verify.add_argument("names", nargs="*", metavar="NAME", help="projections to check (default: all)")
+    verify.set_defaults(func=cmd_verify)
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema (or --downgrade it)")
     migrate.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
@@ -128,11 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"chatlog: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("pgserver").setLevel(logging.WARNING)
-    result: int = args.func(settings, args)
+    try:
+        result: int = args.func(settings, args)
+    except KeyError as exc:  # an unknown projection name
+        print(f"chatlog: {exc.args[0]}", file=sys.stderr)
+        return 2
     return result
 
 

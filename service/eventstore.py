@@ -51,9 +51,7 @@ _CleanValue = Annotated[str, msgspec.Meta(max_length=1024, pattern=CLEAN_TEXT)]
 CommandMetadata = Annotated[dict[_CleanShort, _CleanValue], msgspec.Meta(max_length=16)]
 """What a command may record about itself in its events' metadata (request id and the like)."""
 
-_PLAIN_METADATA: Final = {
-    t: msgspec.json.encode({"schema_version": v}).decode() for t, v in SCHEMA_VERSIONS.items()
-}
+_PLAIN_METADATA: Final = {t: msgspec.json.encode({"schema_version": v}).decode() for t, v in SCHEMA_VERSIONS.items()}
 
 
 class NotFound(Exception):
@@ -65,6 +63,10 @@ class VersionConflict(Exception):
         super().__init__(f"expected version {expected}, stream is at version {current}")
         self.expected = expected
         self.current = current
+
+
+class StaleTransaction(Exception):
+    """The stream was appended to by a transaction newer than the caller's; retry in a new one."""
 
 
 class IdempotencyMismatch(Exception):
@@ -113,7 +115,12 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
         return Checkpoint(self.tx_id, self.position)
 
 
-_HEAD = "SELECT stream_version, user_id FROM events WHERE stream_id = $1 ORDER BY stream_version DESC LIMIT 1"
+_HEAD = "SELECT stream_version, user_id, tx_id FROM events WHERE stream_id = $1 ORDER BY stream_version DESC LIMIT 1"
+
+# A stream's events must follow each other in the log's (tx_id, position) order too, so an
+# append may not come from a transaction older than the one that wrote the stream's head. Only
+# an explicit transaction that took its id before that head was written can be; an append in
+# its own transaction always has the newest id.
 
 _APPEND_ONE = f"""
 INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
@@ -123,6 +130,7 @@ FROM (SELECT) AS one
 LEFT JOIN LATERAL ({_HEAD}) AS head ON true
 WHERE coalesce(head.user_id, $2) = $2
   AND ($7::integer IS NULL OR coalesce(head.stream_version, 0) = $7::integer)
+  AND (head.tx_id IS NULL OR head.tx_id < pg_current_xact_id())
 RETURNING position, stream_version
 """
 
@@ -136,6 +144,7 @@ FROM unnest($3::uuid[], $4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS e
 LEFT JOIN LATERAL ({_HEAD}) AS head ON true
 WHERE coalesce(head.user_id, $2) = $2
   AND ($7::integer IS NULL OR coalesce(head.stream_version, 0) = $7::integer)
+  AND (head.tx_id IS NULL OR head.tx_id < pg_current_xact_id())
 ORDER BY e.ord
 RETURNING position, stream_version
 """
@@ -170,7 +179,9 @@ WHERE first.user_id = $1 AND first.idempotency_key = $2
 ORDER BY e.position
 """
 
-_COLUMNS = "position, event_id, stream_id, stream_version, user_id, type, data::text, metadata::text, recorded_at, tx_id"
+_COLUMNS = (
+    "position, event_id, stream_id, stream_version, user_id, type, data::text, metadata::text, recorded_at, tx_id"
+)
 
 _READ_STREAM = (
     f"SELECT {_COLUMNS} FROM events WHERE stream_id = $1 AND user_id = $2 "
@@ -278,9 +289,7 @@ async def append(
             raise EventValidationError(f"command metadata: {exc}") from exc
         if idempotency_key is not None:
             common["idempotency_key"] = idempotency_key
-        metadatas = [
-            msgspec.json.encode({**common, "schema_version": SCHEMA_VERSIONS[t]}).decode() for t in types
-        ]
+        metadatas = [msgspec.json.encode({**common, "schema_version": SCHEMA_VERSIONS[t]}).decode() for t in types]
     one = len(events) == 1
     if one:
         values: tuple[Any, ...] = (stream_id, user_id, uuid7(), types[0], encoded[0].decode(), metadatas[0])
@@ -347,6 +356,10 @@ async def append(
             if heads is not None:
                 heads.remember(stream_id, head[1], head[0])
             _check_head(stream_id, user_id, expected_version, head[1], head[0], exact=True)
+            if in_transaction and head[2] > await conn.fetchval("SELECT pg_current_xact_id()"):
+                raise StaleTransaction(
+                    f"stream {stream_id} was appended to by a newer transaction; append in a new transaction"
+                )
         elif expected_version is not None and expected_version != 0:
             raise VersionConflict(expected_version, 0)
         # The head moved between the two statements: run again.
@@ -394,9 +407,7 @@ class StreamHeads:
         self._heads.pop(stream_id, None)
 
 
-async def _prior_command(
-    conn: asyncpg.Connection, user_id: str, key: str, fingerprint: bytes
-) -> Appended | None:
+async def _prior_command(conn: asyncpg.Connection, user_id: str, key: str, fingerprint: bytes) -> Appended | None:
     rows = await conn.fetch(_PRIOR_COMMAND, user_id, key)
     if not rows:
         return None
@@ -438,9 +449,7 @@ async def read_all(conn: asyncpg.Connection, after: Checkpoint, limit: int = 100
     return [recorded(row) for row in await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)]
 
 
-async def read_user(
-    conn: asyncpg.Connection, user_id: str, after: Checkpoint, limit: int = 100
-) -> list[RecordedEvent]:
+async def read_user(conn: asyncpg.Connection, user_id: str, after: Checkpoint, limit: int = 100) -> list[RecordedEvent]:
     """One user's events after `after`, in the same gap-safe order as `read_all`."""
     rows = await conn.fetch(_READ_USER, after.tx_id, after.position, limit, user_id)
     return [recorded(row) for row in rows]

@@ -21,6 +21,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8000
     db_pool_size: int = 20
     log_level: str = "INFO"
+    run_workers: bool = True  # `chatlog serve` runs the projection workers in-process
+    projection_batch_size: int = 1000
+    projection_poll_interval: float = 1.0
+    replay_batch_size: int = 5000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -115,8 +115,7 @@ def test_token_prefers_the_configured_secret(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "data") | {"CHATLOG_JWT_SECRET": "configured-secret-of-enough-length-123"}
     out = chatlog(env, "token", "carol")
     assert (
-        jwt.decode(out.stdout.strip(), "configured-secret-of-enough-length-123", algorithms=["HS256"])["sub"]
-        == "carol"
+        jwt.decode(out.stdout.strip(), "configured-secret-of-enough-length-123", algorithms=["HS256"])["sub"] == "carol"
     )
     assert not (tmp_path / "data" / "jwt_secret").exists()
 

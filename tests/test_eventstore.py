@@ -53,9 +53,7 @@ async def count_events(raw_dsn: str, where: str = "true", *args: object) -> int:
         "TRUNCATE events CASCADE",
     ],
 )
-async def test_events_cannot_be_changed_from_a_raw_connection(
-    store: EventStore, raw_dsn: str, statement: str
-) -> None:
+async def test_events_cannot_be_changed_from_a_raw_connection(store: EventStore, raw_dsn: str, statement: str) -> None:
     await store.append("alice", uuid7(), [ConversationStarted(title="kept")])
     conn = await asyncpg.connect(raw_dsn)
     try:
@@ -129,9 +127,7 @@ async def test_stale_expected_version_conflicts_and_writes_nothing(store: EventS
     assert await count_events(raw_dsn, "data->>'content' = 'late'") == 0
 
 
-async def test_concurrent_expected_version_appends_let_exactly_one_win(
-    store: EventStore, raw_dsn: str
-) -> None:
+async def test_concurrent_expected_version_appends_let_exactly_one_win(store: EventStore, raw_dsn: str) -> None:
     stream = uuid7()
     await store.append("alice", stream, [ConversationStarted()])
     outcomes = await asyncio.gather(
@@ -183,9 +179,7 @@ async def test_ten_concurrent_retries_with_one_key_store_one_event(store: EventS
     stream = uuid7()
     await store.append("alice", stream, [ConversationStarted()])
     event = message("exactly once")
-    results = await asyncio.gather(
-        *(store.append("alice", stream, [event], idempotency_key="same") for _ in range(10))
-    )
+    results = await asyncio.gather(*(store.append("alice", stream, [event], idempotency_key="same") for _ in range(10)))
     assert len({r.positions for r in results}) == 1
     assert sum(not r.replayed for r in results) == 1
     assert await count_events(raw_dsn, "data->>'content' = 'exactly once'") == 1
@@ -225,9 +219,7 @@ async def test_idempotency_keys_survive_a_new_process_pool(store: EventStore, db
     first = await store.append("alice", stream, [ConversationStarted()], idempotency_key="durable")
     other = ConnectionPool(db_url, size=1)
     try:
-        again = await EventStore(other).append(
-            "alice", stream, [ConversationStarted()], idempotency_key="durable"
-        )
+        again = await EventStore(other).append("alice", stream, [ConversationStarted()], idempotency_key="durable")
     finally:
         await other.close()
     assert again.replayed and again.positions == first.positions
@@ -316,9 +308,7 @@ async def read_all_now(pool: ConnectionPool, after: Checkpoint) -> list[eventsto
         return await eventstore.read_all(conn, after)
 
 
-async def test_a_held_transaction_hides_later_commits_until_it_commits(
-    pool: ConnectionPool, raw_dsn: str
-) -> None:
+async def test_a_held_transaction_hides_later_commits_until_it_commits(pool: ConnectionPool, raw_dsn: str) -> None:
     store = EventStore(pool)
     before = await store.append("alice", uuid7(), [ConversationStarted(title="before")])
     seen = await read_all_now(pool, Checkpoint())
@@ -359,9 +349,7 @@ async def test_a_transaction_that_began_first_but_appends_last_is_still_read_fir
     assert [e.position for e in await read_all_now(pool, Checkpoint())] == [a.position, b.position]
 
 
-async def test_an_append_inside_a_rolled_back_transaction_leaves_nothing(
-    pool: ConnectionPool, raw_dsn: str
-) -> None:
+async def test_an_append_inside_a_rolled_back_transaction_leaves_nothing(pool: ConnectionPool, raw_dsn: str) -> None:
     held = await asyncpg.connect(raw_dsn)
     try:
         tx = held.transaction()
@@ -484,14 +472,10 @@ async def test_two_stores_taking_turns_on_one_stream_keep_versions_gapless(db_ur
     stores = [EventStore(p) for p in pools]
     stream = uuid7()
     try:
-        versions = [
-            (await stores[i % 2].append("alice", stream, [message(str(i))])).version for i in range(20)
-        ]
+        versions = [(await stores[i % 2].append("alice", stream, [message(str(i))])).version for i in range(20)]
         versions += [
             r.version
-            for r in await asyncio.gather(
-                *(stores[i % 2].append("alice", stream, [message("c")]) for i in range(20))
-            )
+            for r in await asyncio.gather(*(stores[i % 2].append("alice", stream, [message("c")]) for i in range(20)))
         ]
     finally:
         for s, p in zip(stores, pools, strict=True):
@@ -530,9 +514,7 @@ async def test_expected_versions_are_judged_against_the_true_head_not_a_stale_me
             await p.close()
 
 
-async def test_an_append_rolled_back_elsewhere_does_not_move_a_remembered_head(
-    store: EventStore, raw_dsn: str
-) -> None:
+async def test_an_append_rolled_back_elsewhere_does_not_move_a_remembered_head(store: EventStore, raw_dsn: str) -> None:
     stream = uuid7()
     await store.append("alice", stream, [ConversationStarted()])
     conn = await asyncpg.connect(raw_dsn)
@@ -544,3 +526,25 @@ async def test_an_append_rolled_back_elsewhere_does_not_move_a_remembered_head(
     finally:
         await conn.close()
     assert (await store.append("alice", stream, [message("kept")])).version == 2
+
+
+async def test_an_older_transaction_cannot_append_behind_a_newer_ones_event_on_the_same_stream(
+    store: EventStore, raw_dsn: str
+) -> None:
+    """Otherwise the stream's version 2 would come before its version 1 in the log's order."""
+    stream = uuid7()
+    conn = await asyncpg.connect(raw_dsn)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("SELECT pg_current_xact_id()")  # this transaction is now the older one
+        await store.append("alice", stream, [ConversationStarted()])
+        with pytest.raises(eventstore.StaleTransaction):
+            await eventstore.append(conn, "alice", stream, [message("late")])
+        await tx.rollback()
+    finally:
+        await conn.close()
+    assert (await store.append("alice", stream, [message("in order")])).version == 2
+    async with store.pool.acquire() as c:
+        events = await eventstore.read_all(c, Checkpoint())
+    assert [(e.stream_id, e.stream_version) for e in events] == [(stream, 1), (stream, 2)]

@@ -12,9 +12,7 @@ from service.database import current_revision, downgrade, head_revision, make_en
 TABLE_EXISTS = "SELECT to_regclass('events') IS NOT NULL"
 
 
-async def test_upgrade_head_downgrade_base_and_upgrade_again(
-    databases: object, raw_dsn: str, db_url: str
-) -> None:
+async def test_upgrade_head_downgrade_base_and_upgrade_again(databases: object, raw_dsn: str, db_url: str) -> None:
     engine = make_engine(db_url, pool_size=1)
     try:
         assert await current_revision(engine) == head_revision()
@@ -23,10 +21,7 @@ async def test_upgrade_head_downgrade_base_and_upgrade_again(
         conn = await asyncpg.connect(raw_dsn)
         try:
             assert await conn.fetchval(TABLE_EXISTS) is False
-            assert (
-                await conn.fetchval("SELECT count(*) FROM pg_proc WHERE proname = 'events_reject_change'")
-                == 0
-            )
+            assert await conn.fetchval("SELECT count(*) FROM pg_proc WHERE proname = 'events_reject_change'") == 0
         finally:
             await conn.close()
         await migrate(engine)
@@ -36,9 +31,7 @@ async def test_upgrade_head_downgrade_base_and_upgrade_again(
         await engine.dispose()
 
 
-async def test_chatlog_migrate_command_upgrades_and_downgrades(
-    chatlog_env: dict[str, str], raw_dsn: str
-) -> None:
+async def test_chatlog_migrate_command_upgrades_and_downgrades(chatlog_env: dict[str, str], raw_dsn: str) -> None:
     def chatlog(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "service.cli", *args],

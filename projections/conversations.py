@@ -1,0 +1,183 @@
+"""The conversations projection: conversations and their messages, folded from the log.
+
+One projection owns both tables: a message row references its conversation, and a deletion
+removes both in the same transaction, so the two must move together.
+
+A batch is folded in memory and written with a few set-based statements: the touched
+conversations are loaded once, events change them in order, then one DELETE, one upsert and one
+multi-row INSERT write the result. Events of a deleted conversation that come after its deletion
+change nothing (deletion is final); any other event that does not fit — a message for a
+conversation that never started, a second start — is a `ProjectionError`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Final
+
+import asyncpg
+import msgspec
+
+from projections.base import ProjectionError
+from service.events import ConversationDeleted, ConversationStarted, ConversationUpdated, MessageAppended
+from service.eventstore import RecordedEvent
+
+PREVIEW_CHARS: Final = 200
+
+_encode = msgspec.json.Encoder().encode
+
+
+class _Conversation(msgspec.Struct):
+    id: uuid.UUID
+    user_id: str
+    title: str
+    metadata: str  # JSON text, as stored
+    created_at: datetime
+    updated_at: datetime
+    message_count: int
+    last_message_preview: str | None
+    version: int
+    last_position: int
+
+
+_CONVERSATION_COLUMNS = (
+    "id, user_id, title, metadata::text, created_at, updated_at, message_count, "
+    "last_message_preview, version, last_position"
+)
+
+
+class ConversationsProjection:
+    name = "conversations"
+    tables: tuple[str, ...] = ("conversations", "messages")
+    foreign_keys: tuple[tuple[str, str, str, str], ...] = (("messages", "conversation_id", "conversations", "CASCADE"),)
+
+    async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent], names: Mapping[str, str]) -> None:
+        conversations, messages = names["conversations"], names["messages"]
+        touched = list({e.stream_id for e in events})
+        rows = await conn.fetch(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM {conversations} WHERE id = ANY($1::uuid[])", touched
+        )
+        state: dict[uuid.UUID, _Conversation | None] = {r[0]: _Conversation(*r) for r in rows}
+        stored = set(state)
+        deleted_before = await self._deleted_before(conn, events, state)
+        dirty: set[uuid.UUID] = set()
+        new_messages: list[tuple[Any, ...]] = []
+
+        for e in events:
+            event, sid = e.event, e.stream_id
+            if isinstance(event, ConversationStarted):
+                if sid in state:
+                    raise ProjectionError(e.position, f"conversation {sid} started twice")
+                state[sid] = _Conversation(
+                    id=sid,
+                    user_id=e.user_id,
+                    title=event.title,
+                    metadata=_encode(event.metadata).decode(),
+                    created_at=e.recorded_at,
+                    updated_at=e.recorded_at,
+                    message_count=0,
+                    last_message_preview=None,
+                    version=e.stream_version,
+                    last_position=e.position,
+                )
+                dirty.add(sid)
+                continue
+            conv = state.get(sid)
+            if conv is None:
+                if sid in state or sid in deleted_before:
+                    continue  # deletion is final: later events of the stream change nothing
+                raise ProjectionError(e.position, f"{e.type} for conversation {sid}, which never started")
+            if isinstance(event, MessageAppended):
+                conv.message_count += 1
+                conv.last_message_preview = event.content[:PREVIEW_CHARS]
+                new_messages.append(
+                    (
+                        event.message_id,
+                        sid,
+                        e.user_id,
+                        conv.message_count,
+                        event.role,
+                        event.content,
+                        _encode(event.metadata).decode(),
+                        e.recorded_at,
+                        e.position,
+                    )
+                )
+            elif isinstance(event, ConversationUpdated):
+                if event.title is not None:
+                    conv.title = event.title
+                if event.metadata is not None:
+                    conv.metadata = _encode(event.metadata).decode()
+            elif isinstance(event, ConversationDeleted):
+                state[sid] = None  # a tombstone for the rest of the batch
+                dirty.discard(sid)
+                continue
+            conv.updated_at = e.recorded_at
+            conv.version = e.stream_version
+            conv.last_position = e.position
+            dirty.add(sid)
+
+        gone = [sid for sid, conv in state.items() if conv is None and sid in stored]
+        if gone:
+            await conn.execute(f"DELETE FROM {messages} WHERE conversation_id = ANY($1::uuid[])", gone)
+            await conn.execute(f"DELETE FROM {conversations} WHERE id = ANY($1::uuid[])", gone)
+        live = [c for sid in dirty if (c := state[sid]) is not None]
+        if live:
+            await conn.execute(_upsert(conversations), *_columns(live))
+        kept = [m for m in new_messages if state[m[1]] is not None]
+        if kept:
+            await conn.execute(_insert_messages(messages), *map(list, zip(*kept, strict=True)))
+
+    async def _deleted_before(
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[RecordedEvent],
+        state: Mapping[uuid.UUID, _Conversation | None],
+    ) -> set[uuid.UUID]:
+        """Streams without a row that were deleted before this batch (their later events are no-ops)."""
+        started = {e.stream_id for e in events if isinstance(e.event, ConversationStarted)}
+        unknown = list({e.stream_id for e in events} - set(state) - started)
+        if not unknown:
+            return set()
+        first = events[0]
+        rows = await conn.fetch(
+            "SELECT DISTINCT stream_id FROM events WHERE stream_id = ANY($1::uuid[]) "
+            "AND type = 'conversation.deleted' AND (tx_id, position) < ($2::xid8, $3::bigint)",
+            unknown,
+            first.tx_id,
+            first.position,
+        )
+        return {r[0] for r in rows}
+
+
+def _columns(convs: list[_Conversation]) -> list[list[Any]]:
+    return [list(column) for column in zip(*(msgspec.structs.astuple(c) for c in convs), strict=True)]
+
+
+def _upsert(table: str) -> str:
+    return f"""
+    INSERT INTO {table} (id, user_id, title, metadata, created_at, updated_at, message_count,
+                         last_message_preview, version, last_position)
+    SELECT id, user_id, title, metadata::jsonb, created_at, updated_at, message_count,
+           last_message_preview, version, last_position
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
+                $7::integer[], $8::text[], $9::integer[], $10::bigint[])
+         AS c(id, user_id, title, metadata, created_at, updated_at, message_count,
+              last_message_preview, version, last_position)
+    ON CONFLICT (id) DO UPDATE SET
+        title = excluded.title, metadata = excluded.metadata, updated_at = excluded.updated_at,
+        message_count = excluded.message_count, last_message_preview = excluded.last_message_preview,
+        version = excluded.version, last_position = excluded.last_position
+    """
+
+
+def _insert_messages(table: str) -> str:
+    return f"""
+    INSERT INTO {table} (id, conversation_id, user_id, seq, role, content, metadata, created_at, position)
+    SELECT id, conversation_id, user_id, seq, role, content, metadata::jsonb, created_at, position
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::integer[], $5::text[], $6::text[], $7::text[],
+                $8::timestamptz[], $9::bigint[])
+         AS m(id, conversation_id, user_id, seq, role, content, metadata, created_at, position)
+    """

@@ -1,0 +1,266 @@
+"""The projection worker: gap-safe batches, checkpointed in the same transaction.
+
+One worker per projection is active: it holds a session-level advisory lock on its own
+connection, and others wait as standbys, trying the lock every `standby_interval` seconds; a
+holder that dies drops its connection and with it the lock. The active worker wakes on NOTIFY
+(or on a call to `wake()` from its own process) and polls every `poll_interval` as a fallback.
+
+Each batch is one transaction: lock the checkpoint row, read the next events after it by
+DESIGN.md's rule, fold them, move the checkpoint. A crash anywhere in it rolls all of it back.
+An event the projection cannot apply stops the projection: the batch is retried one event at a
+time to find it, the events before it are applied, and its position and the error are written
+to the checkpoint row (where readiness reads it) and logged. It stays stopped until a replay
+succeeds or an operator clears the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+import asyncpg
+import msgspec
+
+from projections.base import Projection, ProjectionError
+from service.connections import connect_args
+from service.eventstore import NOTIFY_CHANNEL, Checkpoint, RecordedEvent, read_all
+
+log = logging.getLogger(__name__)
+
+_CONNECTION_ERRORS: Final = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+
+BeforeCommit = Callable[[Sequence[RecordedEvent]], Awaitable[None]]
+
+
+def lock_key(name: str) -> int:
+    """The advisory lock of a projection: a stable 63-bit number from its name."""
+    return int.from_bytes(hashlib.sha256(f"chatlog.projection.{name}".encode()).digest()[:8], "big") >> 1
+
+
+class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    batch_size: int = 1000
+    poll_interval: float = 1.0
+    standby_interval: float = 1.0
+    reconnect_interval: float = 1.0
+
+
+class ProjectionFailed(Exception):
+    def __init__(self, name: str, position: int | None, error: str) -> None:
+        super().__init__(f"projection {name} stopped at position {position}: {error}")
+        self.position = position
+        self.error = error
+
+
+async def ensure_checkpoint(conn: asyncpg.Connection, name: str) -> None:
+    await conn.execute("INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", name)
+
+
+async def apply_batch(
+    conn: asyncpg.Connection,
+    projection: Projection,
+    batch_size: int,
+    before_commit: BeforeCommit | None = None,
+) -> int:
+    """Fold the next batch into the live tables and move the checkpoint, in one transaction.
+
+    Returns how many events it applied. When the projection cannot apply an event, the events
+    before it are applied, the failure is recorded in the checkpoint row, that is committed, and
+    `ProjectionFailed` is raised.
+    """
+    names = {t: t for t in projection.tables}
+    failure: ProjectionFailed | None = None
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT tx_id, position, error, failed_position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+            projection.name,
+        )
+        if row is None:
+            raise RuntimeError(f"no checkpoint row for projection {projection.name}")
+        if row["error"] is not None:
+            raise ProjectionFailed(projection.name, row["failed_position"], row["error"])
+        events = await read_all(conn, Checkpoint(int(row["tx_id"]), row["position"]), batch_size)
+        if not events:
+            return 0
+        applied = await _apply(conn, projection, events, names)
+        if applied is None:
+            await _save_checkpoint(conn, projection.name, events[-1].checkpoint)
+            if before_commit is not None:
+                await before_commit(events)
+            return len(events)
+        # The batch failed as a whole: apply it one event at a time up to the one that fails.
+        for event in events:
+            failure = await _apply(conn, projection, [event], names)
+            if failure is not None:
+                await record_failure(conn, projection.name, failure)
+                break
+            await _save_checkpoint(conn, projection.name, event.checkpoint)
+    assert failure is not None
+    raise failure
+
+
+async def _apply(
+    conn: asyncpg.Connection, projection: Projection, events: Sequence[RecordedEvent], names: dict[str, str]
+) -> ProjectionFailed | None:
+    """Fold `events` in a savepoint; what went wrong if the projection could not apply them."""
+    try:
+        async with conn.transaction():
+            await projection.apply(conn, events, names)
+    except (ProjectionError, asyncpg.PostgresError) as exc:
+        if isinstance(exc, _CONNECTION_ERRORS):
+            raise
+        position = exc.position if isinstance(exc, ProjectionError) else events[0].position
+        return ProjectionFailed(projection.name, position, f"{type(exc).__name__}: {exc}")
+    return None
+
+
+async def _save_checkpoint(conn: asyncpg.Connection, name: str, checkpoint: Checkpoint) -> None:
+    await conn.execute(
+        "UPDATE projection_checkpoints SET tx_id = $2::xid8, position = $3, updated_at = now() WHERE name = $1",
+        name,
+        checkpoint.tx_id,
+        checkpoint.position,
+    )
+
+
+async def record_failure(conn: asyncpg.Connection, name: str, failure: ProjectionFailed) -> None:
+    await conn.execute(
+        "UPDATE projection_checkpoints SET error = $2, failed_position = $3, updated_at = now() WHERE name = $1",
+        name,
+        failure.error,
+        failure.position,
+    )
+
+
+class Worker:
+    """Runs one projection: standby until it holds the lock, then batches until stopped."""
+
+    def __init__(
+        self,
+        url: str,
+        projection: Projection,
+        settings: WorkerSettings | None = None,
+        *,
+        before_commit: BeforeCommit | None = None,
+    ) -> None:
+        self.url = url
+        self.projection = projection
+        self.settings = settings or WorkerSettings()
+        self.before_commit = before_commit
+        self.active = False
+        self.failure: ProjectionFailed | None = None
+        self.applied = 0
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Until `stop()`; reconnects after connection errors. Other errors propagate (a crash)."""
+        name = self.projection.name
+        while not self._stop.is_set():
+            try:
+                await self._run_connected()
+                return
+            except ProjectionFailed as failure:
+                self.failure = failure
+                log.error("projection %s stopped at position %s: %s", name, failure.position, failure.error)
+                return
+            except _CONNECTION_ERRORS as exc:
+                self.active = False
+                log.warning("projection %s lost its database connection (%s); reconnecting", name, exc)
+                await self._sleep(self.settings.reconnect_interval * random.uniform(0.5, 1.5))
+
+    async def _run_connected(self) -> None:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            **connect_args(self.url), server_settings={"application_name": f"chatlog-projection-{self.projection.name}"}
+        )
+        try:
+            if not await self._become_active(conn):
+                return
+            await ensure_checkpoint(conn, self.projection.name)
+            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            log.info("projection %s: active", self.projection.name)
+            while not self._stop.is_set():
+                self._wake.clear()
+                applied = await apply_batch(conn, self.projection, self.settings.batch_size, self.before_commit)
+                self.applied += applied
+                if applied < self.settings.batch_size:
+                    await self._sleep(self.settings.poll_interval, wakeable=True)
+        finally:
+            self.active = False
+            conn.terminate()
+
+    async def _become_active(self, conn: asyncpg.Connection) -> bool:
+        key = lock_key(self.projection.name)
+        while not self._stop.is_set():
+            if await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+                self.active = True
+                return True
+            await self._sleep(self.settings.standby_interval)
+        return False
+
+    def _on_notify(self, *_: Any) -> None:
+        self._wake.set()
+
+    async def _sleep(self, seconds: float, *, wakeable: bool = False) -> None:
+        event = self._wake if wakeable else self._stop
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout=seconds)
+
+
+class ProjectionStatus(msgspec.Struct, frozen=True, kw_only=True):
+    position: int
+    lag: int  # events after the checkpoint (counted up to LAG_COUNT_LIMIT)
+    lag_seconds: float  # age of the oldest event not yet applied
+    status: str  # "ok", or "failed" (stopped on an event it could not apply)
+    error: str | None = None
+    failed_position: int | None = None
+
+
+LAG_COUNT_LIMIT: Final = 1_000_000
+
+
+async def projection_status(conn: asyncpg.Connection, names: Sequence[str]) -> dict[str, ProjectionStatus]:
+    """Each projection's checkpoint position and how far behind the log it is."""
+    rows = {
+        r["name"]: r
+        for r in await conn.fetch(
+            "SELECT name, tx_id, position, error, failed_position FROM projection_checkpoints WHERE name = ANY($1)",
+            list(names),
+        )
+    }
+    result: dict[str, ProjectionStatus] = {}
+    for name in names:
+        row = rows.get(name)
+        tx_id, position = (int(row["tx_id"]), row["position"]) if row else (0, 0)
+        lag = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT FROM events WHERE (tx_id, position) > ($1::xid8, $2::bigint) LIMIT $3) AS s",
+            tx_id,
+            position,
+            LAG_COUNT_LIMIT,
+        )
+        oldest = await conn.fetchval(
+            "SELECT extract(epoch FROM now() - recorded_at)::float8 FROM events "
+            "WHERE (tx_id, position) > ($1::xid8, $2::bigint) ORDER BY tx_id, position LIMIT 1",
+            tx_id,
+            position,
+        )
+        result[name] = ProjectionStatus(
+            position=position,
+            lag=lag,
+            lag_seconds=max(0.0, oldest or 0.0),
+            status="failed" if row is not None and row["error"] is not None else "ok",
+            error=row["error"] if row else None,
+            failed_position=row["failed_position"] if row else None,
+        )
+    return result
