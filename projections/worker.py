@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
@@ -182,7 +183,8 @@ class Worker:
 
     async def _run_connected(self) -> None:
         conn: asyncpg.Connection = await asyncpg.connect(
-            **connect_args(self.url), server_settings={"application_name": f"chatlog-projection-{self.projection.name}"}
+            **connect_args(self.url),
+            server_settings={"application_name": f"chatlog-projection-{self.projection.name}-{os.getpid()}"},
         )
         try:
             if not await self._become_active(conn):

@@ -237,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chatlog: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    for noisy in ("pgserver", "alembic.runtime.plugins"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         result: int = args.func(settings, args)
     except KeyError as exc:  # an unknown projection name

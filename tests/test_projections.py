@@ -1,0 +1,559 @@
+"""The conversations projection, its worker, replay and verify — against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+
+import asyncpg
+import pytest
+
+from projections import PROJECTIONS
+from projections.replay import ReplayBusy, replay, verify
+from projections.worker import (
+    ProjectionFailed,
+    Worker,
+    WorkerSettings,
+    apply_batch,
+    ensure_checkpoint,
+    projection_status,
+)
+from service import eventstore
+from service.events import ConversationDeleted, ConversationStarted, ConversationUpdated, MessageAppended
+from service.eventstore import EventStore, RecordedEvent
+from service.ids import uuid7
+
+CONVERSATIONS = PROJECTIONS["conversations"]
+FAST = WorkerSettings(batch_size=100, poll_interval=0.05, standby_interval=0.1, reconnect_interval=0.1)
+
+
+def message(content: str = "hello", role: str = "user") -> MessageAppended:
+    return MessageAppended(message_id=uuid7(), role=role, content=content)  # type: ignore[arg-type]
+
+
+async def catch_up(raw_dsn: str, batch_size: int = 100) -> int:
+    """Fold everything readable into the live tables; how many events that was."""
+    conn = await asyncpg.connect(raw_dsn)
+    try:
+        await ensure_checkpoint(conn, CONVERSATIONS.name)
+        total = 0
+        while applied := await apply_batch(conn, CONVERSATIONS, batch_size):
+            total += applied
+        return total
+    finally:
+        await conn.close()
+
+
+async def query(raw_dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(raw_dsn)
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+async def checkpoint_position(raw_dsn: str) -> int:
+    rows = await query(raw_dsn, "SELECT position FROM projection_checkpoints WHERE name = 'conversations'")
+    return rows[0][0] if rows else 0
+
+
+async def last_position(raw_dsn: str) -> int:
+    rows = await query(raw_dsn, "SELECT position FROM events ORDER BY tx_id DESC, position DESC LIMIT 1")
+    return rows[0][0] if rows else 0
+
+
+async def wait_for(predicate: object, within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await predicate():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not true within {within} s")
+
+
+async def assert_verified(db_url: str) -> None:
+    differences = await verify(db_url, CONVERSATIONS)
+    assert differences == [], differences
+
+
+async def conversation_with_messages(store: EventStore, user: str, n: int, title: str = "t") -> uuid.UUID:
+    stream = uuid7()
+    await store.append(user, stream, [ConversationStarted(title=title)])
+    for i in range(n):
+        await store.append(user, stream, [message(f"{title} message {i}")])
+    return stream
+
+
+# --- the fold --------------------------------------------------------------------------
+
+
+async def test_the_fold_builds_conversations_and_their_messages(store: EventStore, raw_dsn: str) -> None:
+    stream = uuid7()
+    await store.append("alice", stream, [ConversationStarted(title="Trip to Oslo", metadata={"topic": "travel"})])
+    await store.append("alice", stream, [message("first"), message("second", role="assistant")])
+    long = "x" * 250
+    await store.append("alice", stream, [message(long, role="tool")])
+    last = await store.append("alice", stream, [ConversationUpdated(title="Oslo in May")])
+    assert await catch_up(raw_dsn) == 5
+
+    (conv,) = await query(raw_dsn, "SELECT *, metadata::text AS meta FROM conversations")
+    events = await query(raw_dsn, "SELECT recorded_at FROM events WHERE stream_id = $1 ORDER BY stream_version", stream)
+    assert conv["id"] == stream and conv["user_id"] == "alice"
+    assert conv["title"] == "Oslo in May" and conv["meta"] == '{"topic": "travel"}'
+    assert conv["message_count"] == 3 and conv["last_message_preview"] == "x" * 200
+    assert conv["version"] == 5 and conv["last_position"] == last.position
+    assert conv["created_at"] == events[0][0] and conv["updated_at"] == events[-1][0]
+
+    msgs = await query(raw_dsn, "SELECT seq, role, content, user_id, conversation_id FROM messages ORDER BY seq")
+    assert [(m["seq"], m["role"], m["content"]) for m in msgs] == [
+        (1, "user", "first"),
+        (2, "assistant", "second"),
+        (3, "tool", long),
+    ]
+    assert {m["conversation_id"] for m in msgs} == {stream} and {m["user_id"] for m in msgs} == {"alice"}
+
+
+async def test_deletion_removes_the_conversation_and_its_messages_and_later_events_change_nothing(
+    store: EventStore, raw_dsn: str, db_url: str
+) -> None:
+    kept = await conversation_with_messages(store, "alice", 2, "kept")
+    gone = await conversation_with_messages(store, "alice", 3, "gone")
+    await catch_up(raw_dsn)
+    await store.append("alice", gone, [ConversationDeleted()])
+    await store.append("alice", gone, [message("after the end")])  # the log allows it; the read side ignores it
+    await catch_up(raw_dsn)
+    assert [r[0] for r in await query(raw_dsn, "SELECT id FROM conversations")] == [kept]
+    assert {r[0] for r in await query(raw_dsn, "SELECT conversation_id FROM messages")} == {kept}
+    assert len(await query(raw_dsn, "SELECT 1 FROM events WHERE stream_id = $1", gone)) == 6
+    await assert_verified(db_url)
+
+
+async def test_a_conversation_started_and_deleted_in_one_batch_never_appears(store: EventStore, raw_dsn: str) -> None:
+    gone = await conversation_with_messages(store, "alice", 2)
+    await store.append("alice", gone, [ConversationDeleted()])
+    await catch_up(raw_dsn, batch_size=1000)
+    assert await query(raw_dsn, "SELECT 1 FROM conversations") == []
+    assert await query(raw_dsn, "SELECT 1 FROM messages") == []
+
+
+# --- gap safety ------------------------------------------------------------------------
+
+
+async def test_the_projection_never_skips_an_event_held_in_an_open_transaction(
+    store: EventStore, raw_dsn: str, db_url: str
+) -> None:
+    held = await asyncpg.connect(raw_dsn)
+    try:
+        tx = held.transaction()
+        await tx.start()
+        a = uuid7()
+        await eventstore.append(held, "alice", a, [ConversationStarted(title="held")])
+        b = await conversation_with_messages(store, "bob", 2, "later")
+        await catch_up(raw_dsn)
+        assert await query(raw_dsn, "SELECT id FROM conversations") == [], "nothing past the held event yet"
+        await tx.commit()
+    finally:
+        await held.close()
+    await catch_up(raw_dsn)
+    assert {r[0] for r in await query(raw_dsn, "SELECT id FROM conversations")} == {a, b}
+    await assert_verified(db_url)
+
+
+async def test_random_interleavings_with_a_running_worker_lose_and_double_nothing(
+    db_url: str, raw_dsn: str, store: EventStore
+) -> None:
+    rng = random.Random(7)
+    started: set[uuid.UUID] = set()
+    messages_per: dict[uuid.UUID, int] = {}
+    worker = Worker(db_url, CONVERSATIONS, WorkerSettings(batch_size=7, poll_interval=0.01))
+    running = asyncio.create_task(worker.run())
+
+    async def writer(n: int) -> None:
+        conn = await asyncpg.connect(raw_dsn)
+        try:
+            for i in range(15):
+                stream = uuid7()
+                tx = conn.transaction()
+                await tx.start()
+                count = rng.randint(0, 3)
+                await eventstore.append(
+                    conn,
+                    f"user{n}",
+                    stream,
+                    [ConversationStarted(title=f"{n}-{i}")] + [message() for _ in range(count)],
+                )
+                await asyncio.sleep(rng.uniform(0, 0.01))
+                if rng.random() < 0.3:
+                    await tx.rollback()
+                else:
+                    await tx.commit()
+                    started.add(stream)
+                    messages_per[stream] = count
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(writer(n) for n in range(5)))
+    await wait_for(lambda: _caught_up(raw_dsn))
+    worker.stop()
+    await running
+    rows = await query(raw_dsn, "SELECT id, message_count FROM conversations")
+    assert {r[0]: r[1] for r in rows} == messages_per
+    assert len(started) > 20
+    dup = await query(raw_dsn, "SELECT conversation_id, seq FROM messages GROUP BY 1, 2 HAVING count(*) > 1")
+    assert dup == []
+    await assert_verified(db_url)
+
+
+async def _caught_up(raw_dsn: str) -> bool:
+    return await checkpoint_position(raw_dsn) == await last_position(raw_dsn)
+
+
+# --- crashes ---------------------------------------------------------------------------
+
+
+async def test_a_crash_after_the_writes_but_before_commit_leaves_nothing_half_applied(
+    db_url: str, raw_dsn: str, store: EventStore
+) -> None:
+    for i in range(5):
+        await conversation_with_messages(store, "alice", 4, f"c{i}")
+
+    async def crash(events: Sequence[RecordedEvent]) -> None:
+        raise RuntimeError("the process dies here")
+
+    doomed = Worker(db_url, CONVERSATIONS, FAST, before_commit=crash)
+    with pytest.raises(RuntimeError, match="dies here"):
+        await doomed.run()
+    assert await query(raw_dsn, "SELECT 1 FROM conversations") == []
+    assert await query(raw_dsn, "SELECT 1 FROM messages") == []
+    assert await checkpoint_position(raw_dsn) == 0
+
+    restarted = Worker(db_url, CONVERSATIONS, FAST)
+    running = asyncio.create_task(restarted.run())
+    await wait_for(lambda: _caught_up(raw_dsn))
+    restarted.stop()
+    await running
+    counts = await query(
+        raw_dsn,
+        "SELECT message_count, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) FROM conversations c",
+    )
+    assert [tuple(r) for r in counts] == [(4, 4)] * 5
+    await assert_verified(db_url)
+
+
+def project_process(env: dict[str, str], *names: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "project", *names],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+async def backend_of_active_worker(raw_dsn: str) -> tuple[int, int] | None:
+    """(backend pid, client pid) of the connection holding the projection's advisory lock."""
+    rows = await query(
+        raw_dsn,
+        "SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name LIKE 'chatlog-projection-conversations%'",
+    )
+    if not rows:
+        return None
+    return rows[0][0], int(rows[0][1].rsplit("-", 1)[1])
+
+
+async def test_a_worker_killed_mid_batch_restarts_to_an_exact_fold(
+    store: EventStore, raw_dsn: str, db_url: str, chatlog_env: dict[str, str]
+) -> None:
+    streams = [await conversation_with_messages(store, f"u{i}", 5, f"c{i}") for i in range(40)]
+    # Hold a row the batch will write, so that the worker stops mid-batch with writes pending.
+    blocker = await asyncpg.connect(raw_dsn)
+    env = chatlog_env | {"CHATLOG_PROJECTION_BATCH_SIZE": "1000"}
+    proc: subprocess.Popen[str] | None = None
+    try:
+        await catch_up_some(raw_dsn, streams[0])
+        # Appended before the blocker takes its transaction id, so that it is readable.
+        await store.append("u0", streams[0], [message("more")])
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", streams[0])
+        proc = project_process(env)
+
+        async def blocked() -> bool:
+            rows = await query(
+                raw_dsn,
+                "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'chatlog-projection-%' "
+                "AND wait_event_type = 'Lock'",
+            )
+            return bool(rows)
+
+        await wait_for(blocked, within=30)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+        await tx.rollback()
+    finally:
+        await blocker.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    proc = project_process(env)
+    try:
+        await wait_for(lambda: _caught_up(raw_dsn), within=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    counts = await query(raw_dsn, "SELECT id, message_count FROM conversations")
+    assert {r[0]: r[1] for r in counts} == {s: (6 if s == streams[0] else 5) for s in streams}
+    await assert_verified(db_url)
+
+
+async def catch_up_some(raw_dsn: str, stream: uuid.UUID) -> None:
+    """Project the log so far (so that the stream's row exists to be locked)."""
+    await catch_up(raw_dsn)
+    assert await query(raw_dsn, "SELECT 1 FROM conversations WHERE id = $1", stream)
+
+
+# --- one active worker -----------------------------------------------------------------
+
+
+async def test_only_one_of_two_workers_applies_events(store: EventStore, db_url: str, raw_dsn: str) -> None:
+    first, second = Worker(db_url, CONVERSATIONS, FAST), Worker(db_url, CONVERSATIONS, FAST)
+    tasks = [asyncio.create_task(w.run()) for w in (first, second)]
+    try:
+        await wait_for(lambda: _true(first.active or second.active))
+        await asyncio.sleep(0.3)
+        assert first.active != second.active
+        for i in range(10):
+            await conversation_with_messages(store, "alice", 3, f"c{i}")
+        await wait_for(lambda: _caught_up(raw_dsn))
+        assert sorted([first.applied, second.applied]) == [0, 40]
+    finally:
+        for w in (first, second):
+            w.stop()
+        await asyncio.gather(*tasks)
+    await assert_verified(db_url)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_when_the_active_worker_process_dies_the_standby_takes_over(
+    store: EventStore, raw_dsn: str, db_url: str, chatlog_env: dict[str, str]
+) -> None:
+    procs = [project_process(chatlog_env) for _ in range(2)]
+    try:
+        await wait_for(lambda: _holder_known(raw_dsn), within=30)
+        for i in range(5):
+            await conversation_with_messages(store, "alice", 2, f"before{i}")
+        await wait_for(lambda: _caught_up(raw_dsn), within=30)
+        holder = await backend_of_active_worker(raw_dsn)
+        assert holder is not None
+        active = next(p for p in procs if p.pid == holder[1])
+        active.send_signal(signal.SIGKILL)
+        active.communicate(timeout=10)
+        for i in range(5):
+            await conversation_with_messages(store, "alice", 2, f"after{i}")
+        killed_at = time.monotonic()
+        await wait_for(lambda: _caught_up(raw_dsn), within=30)
+        assert time.monotonic() - killed_at < 10
+        new_holder = await backend_of_active_worker(raw_dsn)
+        assert new_holder is not None and new_holder[1] != holder[1]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.communicate(timeout=30)
+    rows = await query(raw_dsn, "SELECT message_count FROM conversations")
+    assert sorted(r[0] for r in rows) == [2] * 10
+    await assert_verified(db_url)
+
+
+async def _holder_known(raw_dsn: str) -> bool:
+    return await backend_of_active_worker(raw_dsn) is not None
+
+
+# --- a poison event --------------------------------------------------------------------
+
+
+async def test_an_event_it_cannot_apply_stops_the_projection_naming_its_position(
+    store: EventStore, db_url: str, raw_dsn: str
+) -> None:
+    good = await conversation_with_messages(store, "alice", 2)
+    orphan = await store.append("alice", uuid7(), [message("no conversation")])  # the log allows it
+    await conversation_with_messages(store, "alice", 1, "after")
+    worker = Worker(db_url, CONVERSATIONS, FAST)
+    await asyncio.wait_for(worker.run(), 10)  # returns: the projection stopped
+    assert worker.failure is not None and worker.failure.position == orphan.position
+    assert [r[0] for r in await query(raw_dsn, "SELECT id FROM conversations")] == [good]
+    conn = await asyncpg.connect(raw_dsn)
+    try:
+        status = (await projection_status(conn, ["conversations"]))["conversations"]
+    finally:
+        await conn.close()
+    assert status.status == "failed" and status.failed_position == orphan.position
+    assert "never started" in (status.error or "")
+    assert status.lag == 3 and status.lag_seconds >= 0
+    with pytest.raises(ProjectionFailed):
+        await catch_up(raw_dsn)
+
+
+async def test_status_reports_position_and_lag(store: EventStore, raw_dsn: str) -> None:
+    await conversation_with_messages(store, "alice", 3)
+    conn = await asyncpg.connect(raw_dsn)
+    try:
+        before = (await projection_status(conn, ["conversations"]))["conversations"]
+        await catch_up(raw_dsn)
+        after = (await projection_status(conn, ["conversations"]))["conversations"]
+    finally:
+        await conn.close()
+    assert (before.position, before.lag, before.status) == (0, 4, "ok")
+    assert before.lag_seconds >= 0
+    assert (after.position, after.lag, after.lag_seconds) == (await last_position(raw_dsn), 0, 0.0)
+
+
+# --- replay and verify -----------------------------------------------------------------
+
+
+async def test_replay_under_load_swaps_in_tables_equal_to_the_incremental_ones(
+    store: EventStore, db_url: str, raw_dsn: str
+) -> None:
+    for i in range(30):
+        await conversation_with_messages(store, f"u{i % 3}", 5, f"c{i}")
+    await catch_up(raw_dsn)
+    worker = Worker(db_url, CONVERSATIONS, FAST)
+    running = asyncio.create_task(worker.run())
+    stop = asyncio.Event()
+    seen: list[tuple[int, int]] = []
+
+    async def keep_appending() -> None:
+        i = 0
+        while not stop.is_set():
+            await conversation_with_messages(store, "u9", 2, f"live{i}")
+            i += 1
+
+    async def keep_reading() -> None:
+        conn = await asyncpg.connect(raw_dsn)
+        try:
+            while not stop.is_set():
+                row = await conn.fetchrow(
+                    "SELECT (SELECT count(*) FROM conversations), (SELECT count(*) FROM messages)"
+                )
+                seen.append((row[0], row[1]))
+                await asyncio.sleep(0.001)
+        finally:
+            await conn.close()
+
+    side = [asyncio.create_task(keep_appending()), asyncio.create_task(keep_reading())]
+    await asyncio.sleep(0.2)
+    await replay(db_url, CONVERSATIONS, batch_size=50)
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.gather(*side)
+    await wait_for(lambda: _caught_up(raw_dsn))
+    worker.stop()
+    await running
+
+    assert seen and min(c for c, _ in seen) >= 30 and min(m for _, m in seen) >= 150, "readers saw empty tables"
+    assert all(a <= b for a, b in itertools.pairwise(seen)), "readers saw the tables shrink"
+    await assert_verified(db_url)
+    indexes = {
+        r[0]
+        for r in await query(
+            raw_dsn, "SELECT indexname FROM pg_indexes WHERE tablename IN ('conversations', 'messages')"
+        )
+    }
+    assert indexes == {
+        "conversations_pkey",
+        "conversations_user_updated",
+        "messages_pkey",
+        "messages_conversation_seq",
+        "messages_user_created",
+    }
+    fks = await query(
+        raw_dsn,
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid = 'messages'::regclass AND contype = 'f'",
+    )
+    assert [tuple(r) for r in fks] == [
+        (
+            "messages_conversation_id_fkey",
+            "FOREIGN KEY (conversation_id) REFERENCES conversations(id) ON DELETE CASCADE",
+        )
+    ]
+    assert await query(raw_dsn, "SELECT 1 FROM pg_tables WHERE tablename LIKE '%\\_\\_%'") == []
+
+
+async def test_replay_clears_a_failure_once_the_tables_can_be_rebuilt(
+    store: EventStore, raw_dsn: str, db_url: str
+) -> None:
+    await conversation_with_messages(store, "alice", 2)
+    await catch_up(raw_dsn)
+    await query(
+        raw_dsn,
+        "UPDATE projection_checkpoints SET error = 'stopped by hand', failed_position = 1 WHERE name = 'conversations'",
+    )
+    await replay(db_url, CONVERSATIONS)
+    conn = await asyncpg.connect(raw_dsn)
+    try:
+        assert (await projection_status(conn, ["conversations"]))["conversations"].status == "ok"
+    finally:
+        await conn.close()
+
+
+async def test_only_one_replay_runs_at_a_time(store: EventStore, db_url: str) -> None:
+    for i in range(20):
+        await conversation_with_messages(store, "alice", 5, f"c{i}")
+    results = await asyncio.gather(
+        replay(db_url, CONVERSATIONS, batch_size=10),
+        replay(db_url, CONVERSATIONS, batch_size=10),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, ReplayBusy) for r in results) == 1
+    await assert_verified(db_url)
+
+
+def chatlog_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+async def test_verify_finds_a_hand_edited_row_and_exits_1(
+    store: EventStore, raw_dsn: str, chatlog_env: dict[str, str]
+) -> None:
+    await conversation_with_messages(store, "alice", 3)
+    await catch_up(raw_dsn)
+    clean = chatlog_cli(chatlog_env, "verify")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    await query(raw_dsn, "UPDATE messages SET content = 'tampered' WHERE seq = 2")
+    dirty = chatlog_cli(chatlog_env, "verify", "conversations")
+    assert dirty.returncode == 1
+    assert "tampered" in dirty.stdout and "messages" in dirty.stdout
+    await query(raw_dsn, "DELETE FROM conversations")
+    assert chatlog_cli(chatlog_env, "verify").returncode == 1
+
+
+async def test_replay_command_rebuilds_the_tables(store: EventStore, raw_dsn: str, chatlog_env: dict[str, str]) -> None:
+    await conversation_with_messages(store, "alice", 3)
+    await catch_up(raw_dsn)
+    await query(raw_dsn, "UPDATE conversations SET title = 'tampered'")
+    result = chatlog_cli(chatlog_env, "replay", "conversations")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "replayed conversations: 4 events" in result.stdout
+    assert [r[0] for r in await query(raw_dsn, "SELECT title FROM conversations")] == ["t"]
+    assert chatlog_cli(chatlog_env, "verify").returncode == 0
+
+
+def test_unknown_projection_names_are_refused(chatlog_env: dict[str, str]) -> None:
+    for command in ("replay", "verify", "project"):
+        result = chatlog_cli(chatlog_env, command, "nope")
+        assert result.returncode == 2 and "unknown projection" in result.stderr
