@@ -11,12 +11,14 @@ import msgspec
 from litestar import Litestar, get
 from litestar.datastructures import State
 from litestar.response import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from projections import PROJECTIONS
 from projections.worker import ProjectionStatus, Worker, WorkerSettings, projection_status
 from service.connections import ConnectionPool
 from service.database import head_revision, make_engine
 from service.eventstore import EventStore
+from service.metrics import ChatlogCollector, make_registry
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,19 @@ async def readyz(state: State) -> Response[Readiness]:
     return Response(body, status_code=200 if ready else 503)
 
 
+@get("/metrics", tags=["operations"], media_type=CONTENT_TYPE_LATEST)
+async def metrics(state: State) -> Response[bytes]:
+    """Prometheus text: events appended, each projection's position and lag."""
+    collector: ChatlogCollector = state.metrics_collector
+    try:
+        async with state.pool.acquire() as conn:
+            collector.projections = await projection_status(conn, list(PROJECTIONS))
+    except Exception:
+        log.warning("metrics could not read projection status", exc_info=True)
+        collector.projections = {}
+    return Response(generate_latest(state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+
 def create_app(settings: Settings) -> Litestar:
     """The app for `settings`, whose `database_url` must be resolved (see `service.cli`)."""
     if not settings.database_url:
@@ -81,6 +96,7 @@ def create_app(settings: Settings) -> Litestar:
         pool = ConnectionPool(url, size=settings.db_pool_size)
         store = EventStore(pool)
         app.state.engine, app.state.pool, app.state.store = engine, pool, store
+        app.state.metrics_registry, app.state.metrics_collector = make_registry(store)
         workers = start_workers(settings, store) if settings.run_workers else {}
         try:
             yield
@@ -93,7 +109,7 @@ def create_app(settings: Settings) -> Litestar:
             await engine.dispose()
 
     return Litestar(
-        route_handlers=[healthz, readyz],
+        route_handlers=[healthz, readyz, metrics],
         lifespan=[lifespan],
         state=State({"settings": settings, "head_revision": head_revision()}),
     )

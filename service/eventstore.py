@@ -477,6 +477,7 @@ class EventStore:
         self._notifier: asyncio.Task[None] | None = None
         self._local_listeners: list[Callable[[], None]] = []
         self.heads = StreamHeads()
+        self.appended_events = 0
 
     async def append(
         self,
@@ -488,6 +489,7 @@ class EventStore:
         async with self.pool.acquire() as conn:
             result = await append(conn, user_id, stream_id, events, heads=self.heads, **options)
         if not result.replayed:
+            self.appended_events += len(result.positions)
             self.wake_listeners()
         return result
 

@@ -1,0 +1,54 @@
+"""Prometheus metrics: events appended, and each projection's position and lag.
+
+Projection figures come from the database at scrape time (any process may run the workers), so
+the handler fetches them and a collector of this app's own registry reports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from projections.worker import ProjectionStatus
+from service.eventstore import EventStore
+
+
+class ChatlogCollector(Collector):
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.projections: dict[str, ProjectionStatus] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "chatlog_events_appended", "Events appended by this process", value=self.store.appended_events
+        )
+        gauges = {
+            "position": GaugeMetricFamily(
+                "chatlog_projection_position", "Log position of the projection's checkpoint", labels=["projection"]
+            ),
+            "lag": GaugeMetricFamily(
+                "chatlog_projection_lag_events", "Events in the log after the checkpoint", labels=["projection"]
+            ),
+            "lag_seconds": GaugeMetricFamily(
+                "chatlog_projection_lag_seconds", "Age of the oldest event not yet applied", labels=["projection"]
+            ),
+            "failed": GaugeMetricFamily(
+                "chatlog_projection_failed", "1 when the projection stopped on an event", labels=["projection"]
+            ),
+        }
+        for name, status in self.projections.items():
+            gauges["position"].add_metric([name], status.position)
+            gauges["lag"].add_metric([name], status.lag)
+            gauges["lag_seconds"].add_metric([name], status.lag_seconds)
+            gauges["failed"].add_metric([name], 1.0 if status.status == "failed" else 0.0)
+        yield from gauges.values()
+
+
+def make_registry(store: EventStore) -> tuple[CollectorRegistry, ChatlogCollector]:
+    registry = CollectorRegistry(auto_describe=False)
+    collector = ChatlogCollector(store)
+    registry.register(collector)
+    return registry, collector
