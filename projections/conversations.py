@@ -29,7 +29,7 @@ PREVIEW_CHARS: Final = 200
 _encode = msgspec.json.Encoder().encode
 
 
-class _Conversation(msgspec.Struct):
+class Conversation(msgspec.Struct):
     id: uuid.UUID
     user_id: str
     title: str
@@ -59,65 +59,26 @@ class ConversationsProjection:
         rows = await conn.fetch(
             f"SELECT {_CONVERSATION_COLUMNS} FROM {conversations} WHERE id = ANY($1::uuid[])", touched
         )
-        state: dict[uuid.UUID, _Conversation | None] = {r[0]: _Conversation(*r) for r in rows}
+        state: dict[uuid.UUID, Conversation | None] = {r[0]: Conversation(*r) for r in rows}
         stored = set(state)
         deleted_before = await self._deleted_before(conn, events, state)
         dirty: set[uuid.UUID] = set()
         new_messages: list[tuple[Any, ...]] = []
 
         for e in events:
-            event, sid = e.event, e.stream_id
-            if isinstance(event, ConversationStarted):
-                if sid in state:
-                    raise ProjectionError(e.position, f"conversation {sid} started twice")
-                state[sid] = _Conversation(
-                    id=sid,
-                    user_id=e.user_id,
-                    title=event.title,
-                    metadata=_encode(event.metadata).decode(),
-                    created_at=e.recorded_at,
-                    updated_at=e.recorded_at,
-                    message_count=0,
-                    last_message_preview=None,
-                    version=e.stream_version,
-                    last_position=e.position,
-                )
+            sid = e.stream_id
+            if sid not in state and sid in deleted_before:
+                continue  # deletion is final: later events of the stream change nothing
+            after, message = fold(state.get(sid), e, deleted=sid in state and state[sid] is None)
+            if after is _UNCHANGED:
+                continue
+            state[sid] = after
+            if after is None:
+                dirty.discard(sid)  # a tombstone for the rest of the batch
+            else:
                 dirty.add(sid)
-                continue
-            conv = state.get(sid)
-            if conv is None:
-                if sid in state or sid in deleted_before:
-                    continue  # deletion is final: later events of the stream change nothing
-                raise ProjectionError(e.position, f"{e.type} for conversation {sid}, which never started")
-            if isinstance(event, MessageAppended):
-                conv.message_count += 1
-                conv.last_message_preview = event.content[:PREVIEW_CHARS]
-                new_messages.append(
-                    (
-                        event.message_id,
-                        sid,
-                        e.user_id,
-                        conv.message_count,
-                        event.role,
-                        event.content,
-                        _encode(event.metadata).decode(),
-                        e.recorded_at,
-                        e.position,
-                    )
-                )
-            elif isinstance(event, ConversationUpdated):
-                if event.title is not None:
-                    conv.title = event.title
-                if event.metadata is not None:
-                    conv.metadata = _encode(event.metadata).decode()
-            elif isinstance(event, ConversationDeleted):
-                state[sid] = None  # a tombstone for the rest of the batch
-                dirty.discard(sid)
-                continue
-            conv.updated_at = e.recorded_at
-            conv.version = e.stream_version
-            conv.last_position = e.position
-            dirty.add(sid)
+            if message is not None:
+                new_messages.append(message)
 
         gone = [sid for sid, conv in state.items() if conv is None and sid in stored]
         if gone:
@@ -134,7 +95,7 @@ class ConversationsProjection:
         self,
         conn: asyncpg.Connection,
         events: Sequence[RecordedEvent],
-        state: Mapping[uuid.UUID, _Conversation | None],
+        state: Mapping[uuid.UUID, Conversation | None],
     ) -> set[uuid.UUID]:
         """Streams without a row that were deleted before this batch (their later events are no-ops)."""
         started = {e.stream_id for e in events if isinstance(e.event, ConversationStarted)}
@@ -152,7 +113,83 @@ class ConversationsProjection:
         return {r[0] for r in rows}
 
 
-def _columns(convs: list[_Conversation]) -> list[list[Any]]:
+_UNCHANGED: Final = object()
+
+
+def fold(
+    conv: Conversation | None, e: RecordedEvent, *, deleted: bool = False
+) -> tuple[Any, tuple[Any, ...] | None]:
+    """One event applied to its conversation's state (None: none yet, or `deleted`).
+
+    Returns the new state (None once deleted, or `_UNCHANGED` for an event after the deletion)
+    and, for a message, the message row. Changes `conv` in place. The projection and the write
+    side (which answers from the log, not the read tables) both fold with it.
+    """
+    event, sid = e.event, e.stream_id
+    if deleted:
+        return _UNCHANGED, None  # deletion is final
+    if isinstance(event, ConversationStarted):
+        if conv is not None:
+            raise ProjectionError(e.position, f"conversation {sid} started twice")
+        return Conversation(
+            id=sid,
+            user_id=e.user_id,
+            title=event.title,
+            metadata=_encode(event.metadata).decode(),
+            created_at=e.recorded_at,
+            updated_at=e.recorded_at,
+            message_count=0,
+            last_message_preview=None,
+            version=e.stream_version,
+            last_position=e.position,
+        ), None
+    if conv is None:
+        raise ProjectionError(e.position, f"{e.type} for conversation {sid}, which never started")
+    message = None
+    if isinstance(event, MessageAppended):
+        conv.message_count += 1
+        if event.seq is not None and event.seq != conv.message_count:
+            raise ProjectionError(
+                e.position, f"message seq {event.seq} in conversation {sid}, expected {conv.message_count}"
+            )
+        conv.last_message_preview = event.content[:PREVIEW_CHARS]
+        message = (
+            event.message_id,
+            sid,
+            e.user_id,
+            conv.message_count,
+            event.role,
+            event.content,
+            _encode(event.metadata).decode(),
+            e.recorded_at,
+            e.position,
+        )
+    elif isinstance(event, ConversationUpdated):
+        if event.title is not None:
+            conv.title = event.title
+        if event.metadata is not None:
+            conv.metadata = _encode(event.metadata).decode()
+    elif isinstance(event, ConversationDeleted):
+        return None, None
+    conv.updated_at = e.recorded_at
+    conv.version = e.stream_version
+    conv.last_position = e.position
+    return conv, message
+
+
+def fold_stream(events: Sequence[RecordedEvent]) -> Conversation | None:
+    """A conversation's state from its whole stream (None if deleted or never started)."""
+    conv: Conversation | None = None
+    deleted = False
+    for e in events:
+        after, _ = fold(conv, e, deleted=deleted)
+        if after is _UNCHANGED:
+            continue
+        conv, deleted = after, after is None
+    return conv
+
+
+def _columns(convs: list[Conversation]) -> list[list[Any]]:
     return [list(column) for column in zip(*(msgspec.structs.astuple(c) for c in convs), strict=True)]
 
 

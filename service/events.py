@@ -47,6 +47,9 @@ class MessageAppended(Event, tag="message.appended", frozen=True):
     role: Role
     content: Content
     metadata: Metadata = msgspec.field(default_factory=dict)
+    # The message's number in its conversation (1, 2, ...), as the command that appended it
+    # decided; the fold checks it. Absent, it is the count of the conversation's messages so far.
+    seq: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class ConversationUpdated(Event, tag="conversation.updated", frozen=True):
