@@ -10,11 +10,18 @@ from contextlib import asynccontextmanager
 import msgspec
 from litestar import Litestar, get
 from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.response import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from projections import PROJECTIONS
 from projections.worker import ProjectionStatus, Worker, WorkerSettings, projection_status
+from service.api.cursors import Cursors
+from service.api.middleware import RequestMetrics, request_context
+from service.api.problems import EXCEPTION_HANDLERS
+from service.api.routes import DEPENDENCIES, ROUTES
+from service.auth import TokenVerifier, jwt_secret
 from service.connections import ConnectionPool
 from service.database import head_revision, make_engine
 from service.eventstore import EventStore
@@ -89,14 +96,16 @@ def create_app(settings: Settings) -> Litestar:
     if not settings.database_url:
         raise ValueError("create_app needs settings.database_url")
     url = settings.database_url
+    registry, collector = make_registry()
+    request_metrics = RequestMetrics(registry)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine = make_engine(url, pool_size=settings.db_pool_size)
         pool = ConnectionPool(url, size=settings.db_pool_size)
         store = EventStore(pool)
+        collector.store = store
         app.state.engine, app.state.pool, app.state.store = engine, pool, store
-        app.state.metrics_registry, app.state.metrics_collector = make_registry(store)
         workers = start_workers(settings, store) if settings.run_workers else {}
         try:
             yield
@@ -108,11 +117,47 @@ def create_app(settings: Settings) -> Litestar:
             await pool.close()
             await engine.dispose()
 
-    return Litestar(
-        route_handlers=[healthz, readyz, metrics],
+    app = Litestar(
+        route_handlers=[healthz, readyz, metrics, *ROUTES],
+        dependencies=DEPENDENCIES,
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[request_context(request_metrics)],
         lifespan=[lifespan],
-        state=State({"settings": settings, "head_revision": head_revision()}),
+        on_startup=[_problem_documents_only],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="chatlog",
+            version="0.1.0",
+            description="An event-sourced conversation log. The contract: shared/API.md.",
+            path="/schema",
+            security=[{"bearer": []}],
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")}
+            ),
+        ),
+        state=State(
+            {
+                "settings": settings,
+                "head_revision": head_revision(),
+                "metrics_registry": registry,
+                "metrics_collector": collector,
+                "verifier": TokenVerifier(settings),
+                "cursors": Cursors(settings.cursor_secret or jwt_secret(settings)),
+            }
+        ),
     )
+    return app
+
+
+def _problem_documents_only(app: Litestar) -> None:
+    """Validation answers 422 problem documents here, not Litestar's default 400 body: say so."""
+    for path, item in (app.openapi_schema.paths or {}).items():
+        for operation in (item.get, item.post, item.patch, item.delete, item.put):
+            if operation is None or operation.responses is None:
+                continue
+            operation.responses.pop("400", None)
+            if not path.startswith("/v1/"):
+                operation.security = []
 
 
 def worker_settings(settings: Settings) -> WorkerSettings:

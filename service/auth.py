@@ -35,3 +35,63 @@ def jwt_secret(settings: Settings) -> str:
 def mint_token(secret: str, user: str, ttl_seconds: int = 3600) -> str:
     now = int(time.time())
     return jwt.encode({"sub": user, "iat": now, "exp": now + ttl_seconds}, secret, algorithm="HS256")
+
+
+class TokenError(Exception):
+    """A bearer token that does not identify a user."""
+
+
+_HMAC_ALGORITHMS = ["HS256"]
+_JWKS_ALGORITHMS = ["RS256", "ES256", "EdDSA"]
+
+
+class TokenVerifier:
+    """Verifies bearer JWTs: HS256 with the secret, or RS256/ES256/EdDSA against a JWKS URL.
+
+    `exp` is required; `iss` and `aud` are checked when configured and ignored otherwise;
+    `alg: none` and every algorithm not configured are refused (PyJWT checks the header's `alg`
+    against the allowed list before it verifies anything). JWKS keys are cached by PyJWT's
+    client, refetched when a token names an unknown `kid`.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.issuer = settings.jwt_issuer
+        self.audience = settings.jwt_audience
+        self._jwks = (
+            jwt.PyJWKClient(settings.jwt_jwks_url, cache_keys=True, lifespan=300, timeout=5)
+            if settings.jwt_jwks_url
+            else None
+        )
+        self._secret = None if self._jwks else jwt_secret(settings)
+
+    @property
+    def uses_network(self) -> bool:
+        """Whether verifying may fetch keys (then it runs off the event loop)."""
+        return self._jwks is not None
+
+    def user_id(self, token: str) -> str:
+        try:
+            if self._jwks is not None:
+                key: object = self._jwks.get_signing_key_from_jwt(token).key
+                algorithms = _JWKS_ALGORITHMS
+            else:
+                key, algorithms = self._secret, _HMAC_ALGORITHMS
+            claims = jwt.decode(
+                token,
+                key,  # type: ignore[arg-type]
+                algorithms=algorithms,
+                issuer=self.issuer,
+                audience=self.audience,
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_aud": self.audience is not None,
+                    "verify_iss": self.issuer is not None,
+                },
+                leeway=5,
+            )
+        except jwt.PyJWTError as exc:
+            raise TokenError(f"invalid bearer token: {exc}") from exc
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not 1 <= len(sub) <= 255 or "\x00" in sub:
+            raise TokenError("the token's sub must be a string of 1 to 255 characters")
+        return sub

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-CLEAN_TEXT: Final = "^[^\x00\ud800-\udfff]*$"
+CLEAN_TEXT: Final = r"^[^\x00\ud800-\udfff]*$"  # escapes, so that the OpenAPI document can carry it
 MAX_CONTENT: Final = 32_768
 MAX_TITLE: Final = 200
 MAX_METADATA_KEYS: Final = 16

@@ -81,8 +81,10 @@ class Checkpoint(msgspec.Struct, frozen=True, order=True):
 
 
 class Appended(msgspec.Struct, frozen=True, kw_only=True):
+    stream_id: uuid.UUID
     positions: tuple[int, ...]
     versions: tuple[int, ...]
+    recorded_at: datetime
     replayed: bool = False
 
     @property
@@ -131,7 +133,7 @@ LEFT JOIN LATERAL ({_HEAD}) AS head ON true
 WHERE coalesce(head.user_id, $2) = $2
   AND ($7::integer IS NULL OR coalesce(head.stream_version, 0) = $7::integer)
   AND (head.tx_id IS NULL OR head.tx_id < pg_current_xact_id())
-RETURNING position, stream_version
+RETURNING position, stream_version, recorded_at
 """
 
 _APPEND_MANY = f"""
@@ -146,7 +148,7 @@ WHERE coalesce(head.user_id, $2) = $2
   AND ($7::integer IS NULL OR coalesce(head.stream_version, 0) = $7::integer)
   AND (head.tx_id IS NULL OR head.tx_id < pg_current_xact_id())
 ORDER BY e.ord
-RETURNING position, stream_version
+RETURNING position, stream_version, recorded_at
 """
 
 # The same appends at a version the caller knows (the stream's remembered head): a plain insert.
@@ -155,7 +157,7 @@ _APPEND_ONE_AT = """
 INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
                     idempotency_key, request_fingerprint)
 VALUES ($3, $1, $7::integer + 1, $2, $4, $5::jsonb, $6::jsonb, $8::text, $9::bytea)
-RETURNING position, stream_version
+RETURNING position, stream_version, recorded_at
 """
 
 _APPEND_MANY_AT = """
@@ -165,13 +167,13 @@ SELECT e.event_id, $1, $7::integer + e.ord::integer, $2, e.type, e.data::jsonb, 
        CASE WHEN e.ord = 1 THEN $8::text END, CASE WHEN e.ord = 1 THEN $9::bytea END
 FROM unnest($3::uuid[], $4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS e(event_id, type, data, metadata, ord)
 ORDER BY e.ord
-RETURNING position, stream_version
+RETURNING position, stream_version, recorded_at
 """
 
 # The events a keyed command appended: its first event carries the key; the rest share its
 # stream, its transaction and the key in their metadata.
 _PRIOR_COMMAND = """
-SELECT e.position, e.stream_version, first.request_fingerprint
+SELECT e.position, e.stream_version, first.request_fingerprint, e.recorded_at, e.stream_id
 FROM events AS first
 JOIN events AS e ON e.stream_id = first.stream_id AND e.tx_id = first.tx_id
                 AND e.metadata->>'idempotency_key' = first.idempotency_key
@@ -329,7 +331,7 @@ async def append(
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "events_user_idempotency_key":
                 assert idempotency_key is not None and fingerprint is not None
-                replayed = await _prior_command(conn, user_id, idempotency_key, fingerprint)
+                replayed = await prior_command(conn, user_id, idempotency_key, fingerprint)
                 if replayed is not None:
                     return replayed
             elif exc.constraint_name != "events_stream_version_key":
@@ -344,11 +346,16 @@ async def append(
         if rows:
             if heads is not None:
                 heads.remember(stream_id, user_id, rows[-1][1])
-            return Appended(positions=tuple(r[0] for r in rows), versions=tuple(r[1] for r in rows))
+            return Appended(
+                stream_id=stream_id,
+                positions=tuple(r[0] for r in rows),
+                versions=tuple(r[1] for r in rows),
+                recorded_at=rows[0][2],
+            )
         # Nothing inserted: the key was used before, or the stream refused the append.
         if idempotency_key is not None:
             assert fingerprint is not None
-            replayed = await _prior_command(conn, user_id, idempotency_key, fingerprint)
+            replayed = await prior_command(conn, user_id, idempotency_key, fingerprint)
             if replayed is not None:
                 return replayed
         head = await conn.fetchrow(_HEAD, stream_id)
@@ -407,13 +414,19 @@ class StreamHeads:
         self._heads.pop(stream_id, None)
 
 
-async def _prior_command(conn: asyncpg.Connection, user_id: str, key: str, fingerprint: bytes) -> Appended | None:
+async def prior_command(conn: asyncpg.Connection, user_id: str, key: str, fingerprint: bytes) -> Appended | None:
     rows = await conn.fetch(_PRIOR_COMMAND, user_id, key)
     if not rows:
         return None
     if rows[0][2] != fingerprint:
         raise IdempotencyMismatch(f"idempotency key {key!r} was used for another request")
-    return Appended(positions=tuple(r[0] for r in rows), versions=tuple(r[1] for r in rows), replayed=True)
+    return Appended(
+        stream_id=rows[0][4],
+        positions=tuple(r[0] for r in rows),
+        versions=tuple(r[1] for r in rows),
+        recorded_at=rows[0][3],
+        replayed=True,
+    )
 
 
 def recorded(row: Any) -> RecordedEvent:
@@ -452,6 +465,16 @@ async def read_all(conn: asyncpg.Connection, after: Checkpoint, limit: int = 100
 async def read_user(conn: asyncpg.Connection, user_id: str, after: Checkpoint, limit: int = 100) -> list[RecordedEvent]:
     """One user's events after `after`, in the same gap-safe order as `read_all`."""
     rows = await conn.fetch(_READ_USER, after.tx_id, after.position, limit, user_id)
+    return [recorded(row) for row in rows]
+
+
+async def read_positions(conn: asyncpg.Connection, user_id: str, positions: Sequence[int]) -> list[RecordedEvent]:
+    """The user's events at these positions, in position order."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM events WHERE position = ANY($1::bigint[]) AND user_id = $2 ORDER BY position",
+        list(positions),
+        user_id,
+    )
     return [recorded(row) for row in rows]
 
 

@@ -17,14 +17,13 @@ from service.eventstore import EventStore
 
 
 class ChatlogCollector(Collector):
-    def __init__(self, store: EventStore) -> None:
-        self.store = store
+    def __init__(self) -> None:
+        self.store: EventStore | None = None  # set once the app has started
         self.projections: dict[str, ProjectionStatus] = {}
 
     def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
-            "chatlog_events_appended", "Events appended by this process", value=self.store.appended_events
-        )
+        appended = self.store.appended_events if self.store is not None else 0
+        yield CounterMetricFamily("chatlog_events_appended", "Events appended by this process", value=appended)
         gauges = {
             "position": GaugeMetricFamily(
                 "chatlog_projection_position", "Log position of the projection's checkpoint", labels=["projection"]
@@ -47,8 +46,9 @@ class ChatlogCollector(Collector):
         yield from gauges.values()
 
 
-def make_registry(store: EventStore) -> tuple[CollectorRegistry, ChatlogCollector]:
+def make_registry() -> tuple[CollectorRegistry, ChatlogCollector]:
+    """A registry of this app's own (tests build several apps in one process)."""
     registry = CollectorRegistry(auto_describe=False)
-    collector = ChatlogCollector(store)
+    collector = ChatlogCollector()
     registry.register(collector)
     return registry, collector

@@ -17,6 +17,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str | None = None
     data_dir: Path = Path(".chatlog")
     jwt_secret: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    cursor_secret: str | None = None  # signs list cursors; default: derived from the JWT secret
     host: str = "127.0.0.1"
     port: int = 8000
     db_pool_size: int = 20
@@ -25,6 +29,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     projection_batch_size: int = 1000
     projection_poll_interval: float = 1.0
     replay_batch_size: int = 5000
+    # HTTP limits (shared/API.md)
+    max_body_bytes: int = 1_048_576
+    max_content_chars: int = 32_768
+    max_title_chars: int = 200
+    read_wait_seconds: float = 5.0  # how long a read with min_position waits
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -1,0 +1,1 @@
+"""The HTTP API of shared/API.md."""

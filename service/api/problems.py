@@ -1,0 +1,135 @@
+"""One exception translator: every error becomes an RFC 9457 problem document.
+
+Domain errors are plain exceptions raised where they are found (the store, the commands, the
+auth check); this module alone knows their HTTP status and `code`. Nothing of a stack trace or
+of SQL reaches a client: an unexpected error is logged with the request id and answered 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from service.api.schemas import Problem
+from service.errors import BadRequest, ConversationExists, NotReady, Unauthorized
+from service.events import EventValidationError
+from service.eventstore import IdempotencyMismatch, NotFound, StaleTransaction, VersionConflict
+
+log = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
+
+_TITLES: Final = {
+    400: "Bad request",
+    401: "Unauthorized",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Payload too large",
+    415: "Unsupported media type",
+    422: "Unprocessable content",
+    500: "Internal server error",
+    502: "Bad gateway",
+    503: "Service unavailable",
+}
+_CODES: Final = {
+    400: "validation_error",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "version_conflict",
+    413: "payload_too_large",
+    415: "validation_error",
+    422: "validation_error",
+    500: "internal",
+    503: "not_ready",
+}
+
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    code: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> Response[bytes]:
+    body = Problem(
+        type=f"https://chatlog.dev/problems/{(code or _CODES.get(status, 'error')).replace('_', '-')}",
+        title=_TITLES.get(status, "Error"),
+        status=status,
+        detail=detail,
+        code=code or _CODES.get(status, "error"),
+        errors=errors,
+        **extra,
+    )
+    return Response(msgspec.json.encode(body), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers or {})
+
+
+def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
+    errors = [_plain(e) for e in exc.extra] if isinstance(exc.extra, list) else None
+    detail = "; ".join(str(e.get("message", "")) for e in errors or []) or _clean(exc.detail)
+    return problem(422, detail or "the request is not valid", errors=errors)
+
+
+def _plain(error: Any) -> dict[str, Any]:
+    if not isinstance(error, dict):
+        return {"message": _clean(str(error))}
+    return {k: (_clean(v) if isinstance(v, str) else v) for k, v in error.items() if k in ("key", "message", "source")}
+
+
+def _clean(text: str) -> str:
+    """Litestar's messages can echo parts of the input; keep them short and printable."""
+    text = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\\u0000")
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    status = exc.status_code
+    if status == 400:
+        status = 422  # malformed JSON, bad path or query values: the contract says 422
+    if isinstance(exc, NotAuthorizedException):
+        return problem(401, _clean(exc.detail), headers={"WWW-Authenticate": "Bearer"})
+    detail = _clean(exc.detail) if exc.detail else _TITLES.get(status, "Error")
+    return problem(status, detail, headers=exc.headers)
+
+
+def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.error(
+        "unhandled error in %s %s (request %s)",
+        request.method,
+        request.url.path,
+        request.scope.get("state", {}).get("request_id"),
+        exc_info=exc,
+    )
+    return problem(HTTP_500_INTERNAL_SERVER_ERROR, "an internal error occurred; it has been logged")
+
+
+EXCEPTION_HANDLERS: Final[dict[int | type[Exception], Any]] = {
+    ValidationException: _validation,
+    HTTPException: _http,
+    NotFound: lambda r, e: problem(404, "no such resource for this user"),
+    VersionConflict: lambda r, e: problem(
+        409, f"expected version {e.expected}, the conversation is at version {e.current}", current_version=e.current
+    ),
+    StaleTransaction: lambda r, e: problem(409, "the conversation changed meanwhile; retry", code="version_conflict"),
+    ConversationExists: lambda r, e: problem(409, "a conversation with this id exists", code="version_conflict"),
+    IdempotencyMismatch: lambda r, e: problem(
+        422, "this Idempotency-Key was used for a different request", code="idempotency_mismatch"
+    ),
+    EventValidationError: lambda r, e: problem(422, _clean(str(e))),
+    BadRequest: lambda r, e: problem(
+        422, _clean(str(e)), errors=[{"key": e.field, "message": _clean(str(e))}] if e.field else None
+    ),
+    Unauthorized: lambda r, e: problem(401, _clean(str(e)), headers={"WWW-Authenticate": "Bearer"}),
+    NotReady: lambda r, e: problem(503, str(e), headers={"Retry-After": str(e.retry_after)}),
+    Exception: _internal,
+}
+
+__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_MEDIA_TYPE", "BadRequest", "NotReady", "Unauthorized", "problem"]

@@ -1,0 +1,319 @@
+"""The /v1 routes: thin handlers that decode, call one command or query, and encode."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Request, Response, delete, get, patch, post
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example
+from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
+from litestar.response import Response as LitestarResponse
+
+from service import commands, queries
+from service.api import schemas
+from service.api.cursors import Cursors
+from service.auth import TokenError, TokenVerifier
+from service.errors import BadRequest, Unauthorized
+from service.events import EventValidationError
+from service.eventstore import Checkpoint, EventStore, NotFound, validate_idempotency_key
+
+_PROBLEM_DESCRIPTIONS = {
+    401: "no valid bearer token (code unauthorized)",
+    404: "no such conversation for this user (code not_found)",
+    409: "version_conflict: a stale expected_version (with current_version), or a taken id",
+    413: "the body is over the size limit (code payload_too_large)",
+    422: "validation_error, or idempotency_mismatch for a reused Idempotency-Key",
+    500: "internal error (code internal)",
+    503: "not_ready: the read models did not reach min_position in time (Retry-After)",
+}
+
+
+def problems(*statuses: int) -> dict[int, ResponseSpec]:
+    """The problem documents an operation can answer: these, and 401, 413 and 500 for all."""
+    return {
+        status: ResponseSpec(
+            data_container=schemas.Problem,
+            description=_PROBLEM_DESCRIPTIONS[status],
+            media_type="application/problem+json",
+            generate_examples=False,
+        )
+        for status in sorted({401, 413, 500, *statuses})
+    }
+
+
+ConversationId = Annotated[str, PathParameter(description="a conversation id (UUID)", max_length=64)]
+
+
+def _uuid(value: str) -> uuid.UUID:
+    """A malformed id is a validation error (422), not a missing route (404)."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise BadRequest("not a valid conversation id (a UUID)", field="conversation_id") from None
+
+
+Limit = Annotated[int, QueryParameter(ge=1, le=100, description="page size (1-100)")]
+Cursor = Annotated[str | None, QueryParameter(max_length=2048, description="an opaque cursor from a previous page")]
+MinPosition = Annotated[
+    int | None,
+    QueryParameter(
+        ge=1,
+        le=9_223_372_036_854_775_807,
+        description="answer only once the read models include this position (waits at most 5 s, else 503)",
+    ),
+]
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        required=False,
+        max_length=255,
+        description="retrying with the same key returns the first answer and appends nothing",
+        examples=[Example(value="9f1c2d")],
+    ),
+]
+
+
+async def provide_user(request: Request[Any, Any, State]) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("a bearer token is required (Authorization: Bearer <JWT>)")
+    verifier: TokenVerifier = request.app.state.verifier
+    try:
+        if verifier.uses_network:
+            return await asyncio.to_thread(verifier.user_id, token.strip())
+        return verifier.user_id(token.strip())
+    except TokenError as exc:
+        raise Unauthorized(str(exc)) from exc
+
+
+def provide_store(state: State) -> EventStore:
+    store: EventStore = state.store
+    return store
+
+
+def provide_cursors(state: State) -> Cursors:
+    cursors: Cursors = state.cursors
+    return cursors
+
+
+User = NamedDependency[str]
+Store = NamedDependency[EventStore]
+CursorSigner = NamedDependency[Cursors]
+
+DEPENDENCIES = {
+    "user": Provide(provide_user),
+    "store": Provide(provide_store, sync_to_thread=False),
+    "cursors": Provide(provide_cursors, sync_to_thread=False),
+}
+
+
+def idempotency(request: Request[Any, Any, State], key: str | None, body: msgspec.Struct) -> commands.Idempotency:
+    if key is not None:
+        try:
+            validate_idempotency_key(key)
+        except EventValidationError as exc:
+            raise BadRequest(str(exc), field="Idempotency-Key") from None
+    digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode())
+    digest.update(msgspec.json.encode(body))
+    return commands.Idempotency(key, digest.digest())
+
+
+async def _wait(state: State, min_position: int | None) -> None:
+    if min_position is not None:
+        await queries.wait_for_position(state.pool, min_position, state.settings.read_wait_seconds)
+
+
+def _replayed(body: Any, status: int, replayed: bool) -> LitestarResponse[Any]:
+    return LitestarResponse(body, status_code=status, headers={"Idempotent-Replayed": "true"} if replayed else {})
+
+
+@post(
+    "/v1/conversations",
+    status_code=201,
+    summary="Start a conversation",
+    responses=problems(409, 422),
+)
+async def create_conversation(
+    request: Request[Any, Any, State],
+    data: JSONBody[schemas.ConversationCreate],
+    user: User,
+    store: Store,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[schemas.Conversation]:
+    conversation, replayed = await commands.create_conversation(
+        store, user, data, idempotency(request, idempotency_key, data)
+    )
+    return _replayed(conversation, 201, replayed)
+
+
+@get(
+    "/v1/conversations",
+    summary="List conversations",
+    responses=problems(422, 503),
+)
+async def list_conversations(
+    state: State,
+    user: User,
+    cursors: CursorSigner,
+    limit: Limit = 20,
+    cursor: Cursor = None,
+    order: Annotated[Literal["desc", "asc"], QueryParameter()] = "desc",
+    min_position: MinPosition = None,
+) -> schemas.Page[schemas.Conversation]:
+    await _wait(state, min_position)
+    scope = f"conversations:{order}"
+    after = cursors.decode(cursor, scope, user) if cursor is not None else None
+    async with state.pool.acquire() as conn:
+        page, next_after = await queries.list_conversations(conn, user, limit, order == "desc", after)
+    return schemas.Page(
+        data=page,
+        has_more=next_after is not None,
+        next_cursor=cursors.encode(scope, user, next_after) if next_after is not None else None,
+    )
+
+
+@get(
+    "/v1/conversations/{conversation_id:str}",
+    summary="Get a conversation",
+    responses=problems(404, 422, 503),
+)
+async def get_conversation(
+    state: State, user: User, conversation_id: ConversationId, min_position: MinPosition = None
+) -> schemas.Conversation:
+    await _wait(state, min_position)
+    async with state.pool.acquire() as conn:
+        return await queries.get_conversation(conn, user, _uuid(conversation_id))
+
+
+@patch(
+    "/v1/conversations/{conversation_id:str}",
+    summary="Change a conversation's title or metadata",
+    responses=problems(404, 409, 422),
+)
+async def update_conversation(
+    data: JSONBody[schemas.ConversationPatch], user: User, store: Store, conversation_id: ConversationId
+) -> schemas.Conversation:
+    return await commands.update_conversation(store, user, _uuid(conversation_id), data)
+
+
+@delete(
+    "/v1/conversations/{conversation_id:str}",
+    status_code=204,
+    summary="Delete a conversation",
+    responses=problems(404, 409, 422),
+)
+async def delete_conversation(
+    user: User,
+    store: Store,
+    conversation_id: ConversationId,
+    expected_version: Annotated[int | None, QueryParameter(ge=0, le=2_147_483_647)] = None,
+) -> None:
+    await commands.delete_conversation(store, user, _uuid(conversation_id), expected_version)
+
+
+@post(
+    "/v1/conversations/{conversation_id:str}/messages",
+    status_code=201,
+    summary="Append a message",
+    responses=problems(404, 409, 422),
+)
+async def append_message(
+    request: Request[Any, Any, State],
+    data: JSONBody[schemas.MessageCreate],
+    user: User,
+    store: Store,
+    conversation_id: ConversationId,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[schemas.Message]:
+    message, replayed = await commands.append_message(
+        store, user, _uuid(conversation_id), data, idempotency(request, idempotency_key, data)
+    )
+    return _replayed(message, 201, replayed)
+
+
+@get(
+    "/v1/conversations/{conversation_id:str}/messages",
+    summary="List a conversation's messages",
+    responses=problems(404, 422, 503),
+)
+async def list_messages(
+    state: State,
+    user: User,
+    cursors: CursorSigner,
+    conversation_id: ConversationId,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    order: Annotated[Literal["asc", "desc"], QueryParameter()] = "asc",
+    min_position: MinPosition = None,
+) -> schemas.Page[schemas.Message]:
+    await _wait(state, min_position)
+    cid = _uuid(conversation_id)
+    scope = f"messages:{cid}:{order}"
+    after = cursors.decode(cursor, scope, user) if cursor is not None else None
+    async with state.pool.acquire() as conn:
+        page, next_after = await queries.list_messages(conn, user, cid, limit, order == "desc", after)
+    return schemas.Page(
+        data=page,
+        has_more=next_after is not None,
+        next_cursor=cursors.encode(scope, user, next_after) if next_after is not None else None,
+    )
+
+
+@get(
+    "/v1/events",
+    summary="The caller's own events, in commit order",
+    responses=problems(422),
+)
+async def list_events(
+    state: State,
+    user: User,
+    cursors: CursorSigner,
+    after: Annotated[int | None, QueryParameter(ge=1, le=9_223_372_036_854_775_807)] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=100)] = 100,
+    cursor: Cursor = None,
+) -> schemas.Page[schemas.LogEvent]:
+    if after is not None and cursor is not None:
+        raise BadRequest("give either after or cursor, not both", field="after")
+    async with state.pool.acquire() as conn:
+        if cursor is not None:
+            tx_id, position = _pair(cursors.decode(cursor, "events", user))
+            start = Checkpoint(tx_id, position)
+        elif after is not None:
+            start = await queries.checkpoint_after(conn, user, after)
+        else:
+            start = Checkpoint()
+        page, next_after = await queries.list_events(conn, user, start, limit)
+    return schemas.Page(
+        data=page,
+        has_more=next_after is not None,
+        next_cursor=cursors.encode("events", user, [next_after.tx_id, next_after.position]) if next_after else None,
+    )
+
+
+def _pair(values: list[Any]) -> tuple[int, int]:
+    if len(values) != 2 or not all(type(v) is int and v >= 0 for v in values):
+        raise BadRequest("the cursor is not valid", field="cursor")
+    return values[0], values[1]
+
+
+ROUTES = [
+    create_conversation,
+    list_conversations,
+    get_conversation,
+    update_conversation,
+    delete_conversation,
+    append_message,
+    list_messages,
+    list_events,
+]
+
+__all__ = ["DEPENDENCIES", "ROUTES", "NotFound"]

@@ -1,0 +1,97 @@
+"""Request and response bodies of the HTTP API (shared/API.md), as msgspec Structs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+import msgspec
+
+from service.events import Content, Metadata, Role, Title
+
+T = TypeVar("T")
+
+Version = Annotated[int, msgspec.Meta(ge=0, le=2_147_483_647)]
+# RFC 3339, UTC, always with microseconds ("2026-11-24T17:22:34.123456Z"); msgspec would drop a
+# zero fraction, so timestamps are rendered by `timestamp()`.
+Timestamp = Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})]
+
+
+def timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class ConversationCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    title: Title = ""
+    metadata: Metadata = msgspec.field(default_factory=dict)
+    id: uuid.UUID | None = None
+
+
+class ConversationPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    title: Title | None = None
+    metadata: Metadata | None = None
+    expected_version: Version | None = None
+
+
+class MessageCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    role: Role
+    content: Content
+    metadata: Metadata = msgspec.field(default_factory=dict)
+    expected_version: Version | None = None
+
+
+class Conversation(msgspec.Struct, kw_only=True):
+    id: uuid.UUID
+    object: Literal["conversation"] = "conversation"
+    title: str
+    metadata: dict[str, str]
+    created_at: Timestamp
+    updated_at: Timestamp
+    message_count: int
+    last_message_preview: str | None
+    version: int
+    # Only in the answer to a write: the position of its last event.
+    position: int | msgspec.UnsetType = msgspec.UNSET
+
+
+class Message(msgspec.Struct, kw_only=True):
+    id: uuid.UUID
+    object: Literal["message"] = "message"
+    conversation_id: uuid.UUID
+    seq: int
+    role: Role
+    content: str
+    metadata: dict[str, str]
+    created_at: Timestamp
+    position: int
+
+
+class LogEvent(msgspec.Struct, kw_only=True):
+    position: int
+    event_id: uuid.UUID
+    type: str
+    conversation_id: uuid.UUID
+    version: int
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: Timestamp
+
+
+class Page(msgspec.Struct, Generic[T], kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+    next_cursor: str | None
+
+
+class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An RFC 9457 problem document."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[dict[str, Any]] | None = None
+    current_version: int | None = None

@@ -1,0 +1,226 @@
+"""Commands: decide which events a request appends, append them, and build the answer.
+
+Decisions read the log itself (the stream's head, its last message's seq), never the read tables,
+which may lag. Appends to an existing conversation always carry an expected version (the
+client's, or the head just read): a concurrent change makes the append conflict, and without a
+client's expected version the command reads the head again and retries. Answers are built from
+the stored events, so an idempotent retry answers exactly what the first request did.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Final
+
+import asyncpg
+import msgspec
+
+from projections.conversations import Conversation as ConversationState
+from projections.conversations import fold_stream
+from service.api import schemas
+from service.errors import BadRequest, ConversationExists
+from service.events import ConversationDeleted, ConversationStarted, ConversationUpdated, Event, MessageAppended
+from service.eventstore import (
+    Appended,
+    EventStore,
+    NotFound,
+    RecordedEvent,
+    VersionConflict,
+    prior_command,
+    read_positions,
+    read_stream,
+)
+from service.ids import uuid7
+
+MAX_RETRIES: Final = 50
+
+_STATE = """
+SELECT head.stream_version, head.user_id, head.type,
+       (SELECT (m.data->>'seq')::integer FROM events AS m
+        WHERE m.stream_id = $1 AND m.type = 'message.appended'
+        ORDER BY m.stream_version DESC LIMIT 1) AS last_seq
+FROM (SELECT stream_version, user_id, type FROM events WHERE stream_id = $1
+      ORDER BY stream_version DESC LIMIT 1) AS head
+"""
+
+
+class Idempotency:
+    """The Idempotency-Key of a request and the fingerprint of what it asked."""
+
+    def __init__(self, key: str | None, fingerprint: bytes) -> None:
+        self.key = key
+        self.fingerprint = fingerprint
+
+
+async def _live_head(conn: asyncpg.Connection, user_id: str, conversation_id: uuid.UUID) -> tuple[int, int]:
+    """(version, last message seq) of the user's live conversation; NotFound otherwise."""
+    row = await conn.fetchrow(_STATE, conversation_id)
+    if row is None or row["user_id"] != user_id or row["type"] == "conversation.deleted":
+        raise NotFound(str(conversation_id))
+    return row["stream_version"], row["last_seq"] or 0
+
+
+async def _replayed(
+    store: EventStore, user_id: str, idempotency: Idempotency
+) -> tuple[Appended, list[RecordedEvent]] | None:
+    if idempotency.key is None:
+        return None
+    async with store.pool.acquire() as conn:
+        prior = await prior_command(conn, user_id, idempotency.key, idempotency.fingerprint)
+        if prior is None:
+            return None
+        return prior, await read_positions(conn, user_id, prior.positions)
+
+
+async def _stored(store: EventStore, user_id: str, result: Appended) -> list[RecordedEvent]:
+    async with store.pool.acquire() as conn:
+        return await read_positions(conn, user_id, result.positions)
+
+
+def conversation_view(
+    state: ConversationState, position: int | msgspec.UnsetType = msgspec.UNSET
+) -> schemas.Conversation:
+    return schemas.Conversation(
+        id=state.id,
+        title=state.title,
+        metadata=msgspec.json.decode(state.metadata),
+        created_at=schemas.timestamp(state.created_at),
+        updated_at=schemas.timestamp(state.updated_at),
+        message_count=state.message_count,
+        last_message_preview=state.last_message_preview,
+        version=state.version,
+        position=position,
+    )
+
+
+def message_view(recorded: RecordedEvent) -> schemas.Message:
+    event = recorded.event
+    assert isinstance(event, MessageAppended) and event.seq is not None
+    return schemas.Message(
+        id=event.message_id,
+        conversation_id=recorded.stream_id,
+        seq=event.seq,
+        role=event.role,
+        content=event.content,
+        metadata=event.metadata,
+        created_at=schemas.timestamp(recorded.recorded_at),
+        position=recorded.position,
+    )
+
+
+async def create_conversation(
+    store: EventStore, user_id: str, body: schemas.ConversationCreate, idempotency: Idempotency
+) -> tuple[schemas.Conversation, bool]:
+    """The new conversation (as of its creation) and whether this answer is a replay."""
+    replay = await _replayed(store, user_id, idempotency)
+    if replay is None:
+        try:
+            result = await store.append(
+                user_id,
+                body.id or uuid7(),
+                [ConversationStarted(title=body.title, metadata=body.metadata)],
+                expected_version=0,
+                idempotency_key=idempotency.key,
+                fingerprint=idempotency.fingerprint,
+            )
+        except (VersionConflict, NotFound):
+            raise ConversationExists(str(body.id)) from None
+        replay = result, await _stored(store, user_id, result)
+    result, events = replay
+    state = fold_stream(events)
+    assert state is not None
+    return conversation_view(state, result.position), result.replayed
+
+
+async def append_message(
+    store: EventStore,
+    user_id: str,
+    conversation_id: uuid.UUID,
+    body: schemas.MessageCreate,
+    idempotency: Idempotency,
+) -> tuple[schemas.Message, bool]:
+    replay = await _replayed(store, user_id, idempotency)
+    if replay is not None:
+        return message_view(replay[1][0]), True
+    for _ in range(MAX_RETRIES):
+        async with store.pool.acquire() as conn:
+            version, last_seq = await _live_head(conn, user_id, conversation_id)
+        if body.expected_version is not None and body.expected_version != version:
+            raise VersionConflict(body.expected_version, version)
+        event = MessageAppended(
+            message_id=uuid7(), role=body.role, content=body.content, metadata=body.metadata, seq=last_seq + 1
+        )
+        try:
+            result = await store.append(
+                user_id,
+                conversation_id,
+                [event],
+                expected_version=version,
+                idempotency_key=idempotency.key,
+                fingerprint=idempotency.fingerprint,
+            )
+        except VersionConflict:
+            if body.expected_version is not None:
+                raise
+            continue  # another append came first: read the head again
+        if result.replayed:  # a concurrent retry with the same key won
+            return message_view((await _stored(store, user_id, result))[0]), True
+        return message_view(_recorded(user_id, conversation_id, event, result)), False
+    raise VersionConflict(body.expected_version or 0, -1)
+
+
+def _recorded(user_id: str, stream_id: uuid.UUID, event: Event, result: Appended) -> RecordedEvent:
+    return RecordedEvent(
+        position=result.position,
+        event_id=uuid.UUID(int=0),  # not needed for the answer
+        stream_id=stream_id,
+        stream_version=result.version,
+        user_id=user_id,
+        event=event,  # type: ignore[arg-type]
+        metadata={},
+        recorded_at=result.recorded_at,
+        tx_id=0,
+    )
+
+
+async def _change(
+    store: EventStore, user_id: str, conversation_id: uuid.UUID, events: Sequence[Event], expected: int | None
+) -> Appended:
+    for _ in range(MAX_RETRIES):
+        async with store.pool.acquire() as conn:
+            version, _ = await _live_head(conn, user_id, conversation_id)
+        if expected is not None and expected != version:
+            raise VersionConflict(expected, version)
+        try:
+            return await store.append(user_id, conversation_id, events, expected_version=version)
+        except VersionConflict:
+            if expected is not None:
+                raise
+    raise VersionConflict(expected or 0, -1)
+
+
+async def update_conversation(
+    store: EventStore, user_id: str, conversation_id: uuid.UUID, body: schemas.ConversationPatch
+) -> schemas.Conversation:
+    if body.title is None and body.metadata is None:
+        raise BadRequest("give a title, metadata, or both")
+    result = await _change(
+        store,
+        user_id,
+        conversation_id,
+        [ConversationUpdated(title=body.title, metadata=body.metadata)],
+        body.expected_version,
+    )
+    async with store.pool.acquire() as conn:
+        state = fold_stream(await read_stream(conn, user_id, conversation_id))
+    if state is None:  # deleted right after the update
+        raise NotFound(str(conversation_id))
+    return conversation_view(state, result.position)
+
+
+async def delete_conversation(
+    store: EventStore, user_id: str, conversation_id: uuid.UUID, expected_version: int | None
+) -> int:
+    result = await _change(store, user_id, conversation_id, [ConversationDeleted()], expected_version)
+    return result.position

@@ -1,0 +1,190 @@
+"""Queries: the read tables (and the user's own event feed), always filtered by user.
+
+Pages use keyset pagination on the orders the indexes hold, so a page costs the same at any
+depth, and items that arrive while a client walks the pages do not shift them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import asyncpg
+import msgspec
+
+from service.api import schemas
+from service.errors import BadRequest, NotReady
+from service.eventstore import Checkpoint, NotFound, RecordedEvent, read_user
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_CONVERSATION_COLUMNS: Final = (
+    "id, title, metadata::text, created_at, updated_at, message_count, last_message_preview, version"
+)
+_MESSAGE_COLUMNS: Final = "id, conversation_id, seq, role, content, metadata::text, created_at, position"
+
+
+def micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def _conversation(row: asyncpg.Record) -> schemas.Conversation:
+    return schemas.Conversation(
+        id=row[0],
+        title=row[1],
+        metadata=msgspec.json.decode(row[2]),
+        created_at=schemas.timestamp(row[3]),
+        updated_at=schemas.timestamp(row[4]),
+        message_count=row[5],
+        last_message_preview=row[6],
+        version=row[7],
+    )
+
+
+def _message(row: asyncpg.Record) -> schemas.Message:
+    return schemas.Message(
+        id=row[0],
+        conversation_id=row[1],
+        seq=row[2],
+        role=row[3],
+        content=row[4],
+        metadata=msgspec.json.decode(row[5]),
+        created_at=schemas.timestamp(row[6]),
+        position=row[7],
+    )
+
+
+async def wait_for_position(pool: Any, position: int, wait_seconds: float) -> None:
+    """Return once the read tables include the event at `position` and all before it in log order.
+
+    Raises NotReady after `wait_seconds`, also for a position that does not exist (yet).
+    """
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.002
+    target: Checkpoint | None = None
+    while True:
+        async with pool.acquire() as conn:
+            if target is None:
+                tx_id = await conn.fetchval("SELECT tx_id FROM events WHERE position = $1", position)
+                target = None if tx_id is None else Checkpoint(int(tx_id), position)
+            if target is not None:
+                row = await conn.fetchrow(
+                    "SELECT tx_id, position FROM projection_checkpoints WHERE name = 'conversations'"
+                )
+                if row is not None and Checkpoint(int(row[0]), row[1]) >= target:
+                    return
+        if time.monotonic() + delay > deadline:
+            raise NotReady(f"the read models have not reached position {position} yet; retry shortly")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+async def get_conversation(conn: asyncpg.Connection, user_id: str, conversation_id: uuid.UUID) -> schemas.Conversation:
+    row = await conn.fetchrow(
+        f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = $1 AND user_id = $2", conversation_id, user_id
+    )
+    if row is None:
+        raise NotFound(str(conversation_id))
+    return _conversation(row)
+
+
+async def list_conversations(
+    conn: asyncpg.Connection, user_id: str, limit: int, descending: bool, after: list[Any] | None
+) -> tuple[list[schemas.Conversation], list[Any] | None]:
+    """A page by updated_at (then id, the index's way), and the keyset after its last item if more follow."""
+    if descending:
+        order, cmp = "updated_at DESC, id ASC", "(updated_at < $2 OR (updated_at = $2 AND id > $3))"
+    else:
+        order, cmp = "updated_at ASC, id DESC", "(updated_at > $2 OR (updated_at = $2 AND id < $3))"
+    if after is None:
+        rows = await conn.fetch(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE user_id = $1 ORDER BY {order} LIMIT $2",
+            user_id,
+            limit + 1,
+        )
+    else:
+        updated_at, last_id = _conversation_keyset(after)
+        rows = await conn.fetch(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE user_id = $1 AND {cmp} ORDER BY {order} LIMIT $4",
+            user_id,
+            updated_at,
+            last_id,
+            limit + 1,
+        )
+    page = [_conversation(r) for r in rows[:limit]]
+    more = len(rows) > limit
+    return page, ([micros(rows[limit - 1][4]), str(rows[limit - 1][0])] if more else None)
+
+
+def _conversation_keyset(after: list[Any]) -> tuple[datetime, uuid.UUID]:
+    try:
+        value, last_id = after
+        return from_micros(int(value)), uuid.UUID(str(last_id))
+    except (ValueError, TypeError, OverflowError):
+        raise BadRequest("the cursor is not valid", field="cursor") from None
+
+
+async def list_messages(
+    conn: asyncpg.Connection,
+    user_id: str,
+    conversation_id: uuid.UUID,
+    limit: int,
+    descending: bool,
+    after: list[Any] | None,
+) -> tuple[list[schemas.Message], list[Any] | None]:
+    await get_conversation(conn, user_id, conversation_id)  # 404 unless it is the user's, and live
+    last_seq = _int_keyset(after) if after is not None else (2_147_483_647 if descending else 0)
+    cmp, order = ("seq < $3", "seq DESC") if descending else ("seq > $3", "seq ASC")
+    rows = await conn.fetch(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND user_id = $2 AND {cmp} "
+        f"ORDER BY {order} LIMIT $4",
+        conversation_id,
+        user_id,
+        last_seq,
+        limit + 1,
+    )
+    page = [_message(r) for r in rows[:limit]]
+    return page, ([rows[limit - 1][2]] if len(rows) > limit else None)
+
+
+def _int_keyset(after: list[Any]) -> int:
+    if len(after) != 1 or type(after[0]) is not int:
+        raise BadRequest("the cursor is not valid", field="cursor")
+    return int(after[0])
+
+
+async def checkpoint_after(conn: asyncpg.Connection, user_id: str, position: int) -> Checkpoint:
+    """The feed's place just after the user's event at `position`."""
+    tx_id = await conn.fetchval("SELECT tx_id FROM events WHERE position = $1 AND user_id = $2", position, user_id)
+    if tx_id is None:
+        raise BadRequest(f"no event of yours at position {position}", field="after")
+    return Checkpoint(int(tx_id), position)
+
+
+async def list_events(
+    conn: asyncpg.Connection, user_id: str, after: Checkpoint, limit: int
+) -> tuple[list[schemas.LogEvent], Checkpoint | None]:
+    events = await read_user(conn, user_id, after, limit + 1)
+    page = [_log_event(e) for e in events[:limit]]
+    return page, (events[limit - 1].checkpoint if len(events) > limit else None)
+
+
+def _log_event(e: RecordedEvent) -> schemas.LogEvent:
+    data = msgspec.to_builtins(e.event)
+    data.pop("type", None)
+    return schemas.LogEvent(
+        position=e.position,
+        event_id=e.event_id,
+        type=e.type,
+        conversation_id=e.stream_id,
+        version=e.stream_version,
+        data=data,
+        metadata=e.metadata,
+        recorded_at=schemas.timestamp(e.recorded_at),
+    )

@@ -1,0 +1,497 @@
+"""The HTTP contract of shared/API.md, exercised over HTTP against `chatlog serve` and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from tests.conftest import Databases
+
+SECRET = "contract-suite-secret-" + "0123456789abcdef" * 4  # long enough for HS512 too
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+def token(user: str, **claims: Any) -> str:
+    now = int(time.time())
+    payload = {"sub": user, "iat": now, "exp": now + 600, **claims}
+    return jwt.encode(payload, SECRET, algorithm="HS256")
+
+
+def auth(user: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(user)}"}
+
+
+class Api:
+    def __init__(self, base_url: str, db_url: str) -> None:
+        self.base_url = base_url
+        self.db_url = db_url
+        self.client = httpx.AsyncClient(base_url=base_url, timeout=30, limits=httpx.Limits(max_connections=100))
+
+    async def create(self, user: str, **body: Any) -> dict[str, Any]:
+        r = await self.client.post("/v1/conversations", json=body, headers=auth(user))
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    async def say(self, user: str, cid: str, content: str = "hi", **extra: Any) -> dict[str, Any]:
+        r = await self.client.post(
+            f"/v1/conversations/{cid}/messages", json={"role": "user", "content": content, **extra}, headers=auth(user)
+        )
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+async def api(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
+    db_url = await databases.fresh()
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
+    env.update(
+        CHATLOG_DATABASE_URL=db_url,
+        CHATLOG_DATA_DIR=str(tmp_path_factory.mktemp("api-data")),
+        CHATLOG_JWT_SECRET=SECRET,
+        CHATLOG_PROJECTION_POLL_INTERVAL="0.05",
+        CHATLOG_READ_WAIT_SECONDS="1",
+        CHATLOG_LOG_LEVEL="WARNING",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"chatlog serve did not start: {proc.communicate()[0]}")
+        await asyncio.sleep(0.2)
+    client = Api(base, db_url)
+    yield client
+    await client.client.aclose()
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    assert "Traceback" not in out, out
+
+
+def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["status"] == status and body["code"] == code
+    assert isinstance(body["type"], str) and isinstance(body["title"], str) and isinstance(body["detail"], str)
+    assert "Traceback" not in r.text and "SELECT" not in r.text and "asyncpg" not in r.text
+    return dict(body)
+
+
+def new_user() -> str:
+    return f"user-{uuid.uuid4().hex[:10]}"
+
+
+# --- shapes -----------------------------------------------------------------------------
+
+
+async def test_a_new_conversation_has_the_documented_shape(api: Api) -> None:
+    user = new_user()
+    c = await api.create(user, title="Trip to Oslo", metadata={"topic": "travel"})
+    assert set(c) == {
+        "id", "object", "title", "metadata", "created_at", "updated_at",
+        "message_count", "last_message_preview", "version", "position",
+    }  # fmt: skip
+    assert c["object"] == "conversation" and uuid.UUID(c["id"]).version == 7 and c["id"] == c["id"].lower()
+    assert (c["title"], c["metadata"], c["message_count"], c["last_message_preview"], c["version"]) == (
+        "Trip to Oslo", {"topic": "travel"}, 0, None, 1,
+    )  # fmt: skip
+    assert TIMESTAMP.match(c["created_at"]) and c["created_at"] == c["updated_at"]
+    assert isinstance(c["position"], int) and c["position"] >= 1
+
+    r = await api.client.get(f"/v1/conversations/{c['id']}?min_position={c['position']}", headers=auth(user))
+    got = r.json()
+    assert r.status_code == 200 and "position" not in got
+    assert {k: v for k, v in c.items() if k != "position"} == got
+
+
+async def test_a_message_has_the_documented_shape_and_moves_its_conversation(api: Api) -> None:
+    user = new_user()
+    c = await api.create(user, title="t")
+    m = await api.say(user, c["id"], "x" * 300, metadata={"source": "web"})
+    assert set(m) == {"id", "object", "conversation_id", "seq", "role", "content", "metadata", "created_at", "position"}
+    assert (m["object"], m["conversation_id"], m["seq"], m["role"], m["metadata"]) == (
+        "message", c["id"], 1, "user", {"source": "web"},
+    )  # fmt: skip
+    assert TIMESTAMP.match(m["created_at"]) and m["position"] > c["position"]
+    got = (await api.client.get(f"/v1/conversations/{c['id']}?min_position={m['position']}", headers=auth(user))).json()
+    assert got["message_count"] == 1 and got["last_message_preview"] == "x" * 200
+    assert got["version"] == 2 and got["updated_at"] == m["created_at"]
+
+
+async def test_a_client_supplied_id_is_kept_and_a_taken_one_is_409_for_anyone(api: Api) -> None:
+    alice, bob = new_user(), new_user()
+    wanted = str(uuid.uuid4())
+    c = await api.create(alice, id=wanted)
+    assert c["id"] == wanted
+    for user in (alice, bob):
+        r = await api.client.post("/v1/conversations", json={"id": wanted}, headers=auth(user))
+        body = assert_problem(r, 409, "version_conflict")
+        assert "current_version" not in body
+
+
+async def test_patch_changes_title_and_metadata_and_answers_the_whole_conversation(api: Api) -> None:
+    user = new_user()
+    c = await api.create(user, title="old", metadata={"a": "1"})
+    await api.say(user, c["id"])
+    r = await api.client.patch(f"/v1/conversations/{c['id']}", json={"title": "new"}, headers=auth(user))
+    assert r.status_code == 200, r.text
+    p = r.json()
+    assert (p["title"], p["metadata"], p["message_count"], p["version"]) == ("new", {"a": "1"}, 1, 3)
+    r = await api.client.patch(f"/v1/conversations/{c['id']}", json={"metadata": {"b": "2"}}, headers=auth(user))
+    assert r.json()["metadata"] == {"b": "2"} and r.json()["title"] == "new"
+
+
+# --- versions and concurrency -------------------------------------------------------------
+
+
+async def test_a_stale_expected_version_is_409_with_the_current_version_and_stores_nothing(api: Api) -> None:
+    user = new_user()
+    c = await api.create(user)
+    await api.say(user, c["id"], "one", expected_version=1)
+    for method, url, body in (
+        ("POST", f"/v1/conversations/{c['id']}/messages", {"role": "user", "content": "late", "expected_version": 1}),
+        ("PATCH", f"/v1/conversations/{c['id']}", {"title": "late", "expected_version": 1}),
+        ("DELETE", f"/v1/conversations/{c['id']}?expected_version=1", None),
+    ):
+        r = await api.client.request(method, url, json=body, headers=auth(user))
+        assert assert_problem(r, 409, "version_conflict")["current_version"] == 2
+    msgs = (await api.client.get(f"/v1/conversations/{c['id']}/messages?min_position=1", headers=auth(user))).json()
+    assert [m["content"] for m in msgs["data"]] == ["one"]
+
+
+async def test_50_concurrent_appends_get_seq_1_to_50(api: Api) -> None:
+    user = new_user()
+    c = await api.create(user)
+    results = await asyncio.gather(*(api.say(user, c["id"], f"m{i}") for i in range(50)))
+    assert sorted(m["seq"] for m in results) == list(range(1, 51))
+    last = max(m["position"] for m in results)
+    page = await api.client.get(
+        f"/v1/conversations/{c['id']}/messages?limit=100&min_position={last}", headers=auth(user)
+    )
+    assert [m["seq"] for m in page.json()["data"]] == list(range(1, 51))
+    assert sorted(m["content"] for m in page.json()["data"]) == sorted(f"m{i}" for i in range(50))
+
+
+# --- idempotency ------------------------------------------------------------------------
+
+
+async def test_an_idempotent_retry_returns_the_first_answer_and_appends_nothing(api: Api) -> None:
+    user = new_user()
+    headers = auth(user) | {"Idempotency-Key": "create-1"}
+    first = await api.client.post("/v1/conversations", json={"title": "once"}, headers=headers)
+    again = await api.client.post("/v1/conversations", json={"title": "once"}, headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    cid = first.json()["id"]
+    m_headers = auth(user) | {"Idempotency-Key": "msg-1"}
+    body = {"role": "user", "content": "once"}
+    answers = await asyncio.gather(
+        *(api.client.post(f"/v1/conversations/{cid}/messages", json=body, headers=m_headers) for _ in range(10))
+    )
+    assert {a.status_code for a in answers} == {201}
+    assert len({a.text for a in answers}) == 1
+    assert sum(a.headers.get("idempotent-replayed") == "true" for a in answers) == 9
+    page = await api.client.get(
+        f"/v1/conversations/{cid}/messages?min_position={answers[0].json()['position']}", headers=auth(user)
+    )
+    assert [m["content"] for m in page.json()["data"]] == ["once"]
+
+
+async def test_a_reused_key_with_another_body_is_422_idempotency_mismatch(api: Api) -> None:
+    user = new_user()
+    headers = auth(user) | {"Idempotency-Key": "k"}
+    assert (await api.client.post("/v1/conversations", json={"title": "a"}, headers=headers)).status_code == 201
+    r = await api.client.post("/v1/conversations", json={"title": "b"}, headers=headers)
+    assert_problem(r, 422, "idempotency_mismatch")
+    other = new_user()  # keys are per user
+    assert (
+        await api.client.post("/v1/conversations", json={"title": "b"}, headers=auth(other) | {"Idempotency-Key": "k"})
+    ).status_code == 201
+
+
+# --- isolation --------------------------------------------------------------------------
+
+
+async def test_another_users_conversation_is_404_on_every_route(api: Api) -> None:
+    alice, bob = new_user(), new_user()
+    c = await api.create(alice, title="private")
+    m = await api.say(alice, c["id"], "secret")
+    cid = c["id"]
+    for method, url, body in (
+        ("GET", f"/v1/conversations/{cid}", None),
+        ("GET", f"/v1/conversations/{cid}?min_position={m['position']}", None),
+        ("PATCH", f"/v1/conversations/{cid}", {"title": "mine"}),
+        ("DELETE", f"/v1/conversations/{cid}", None),
+        ("POST", f"/v1/conversations/{cid}/messages", {"role": "user", "content": "intrusion"}),
+        ("GET", f"/v1/conversations/{cid}/messages?min_position={m['position']}", None),
+    ):
+        r = await api.client.request(method, url, json=body, headers=auth(bob))
+        assert_problem(r, 404, "not_found")
+    listed = (await api.client.get(f"/v1/conversations?min_position={m['position']}", headers=auth(bob))).json()
+    assert listed["data"] == []
+    feed = (await api.client.get("/v1/events", headers=auth(bob))).json()
+    assert feed["data"] == []
+    r = await api.client.get(f"/v1/events?after={m['position']}", headers=auth(bob))
+    assert_problem(r, 422, "validation_error")
+    mine = (await api.client.get(f"/v1/conversations/{cid}/messages?min_position=1", headers=auth(alice))).json()
+    assert [x["content"] for x in mine["data"]] == ["secret"]
+
+
+# --- pagination -------------------------------------------------------------------------
+
+
+async def walk(api: Api, user: str, url: str, *, during: Any = None) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        sep = "&" if "?" in url else "?"
+        r = await api.client.get(url + (f"{sep}cursor={cursor}" if cursor else ""), headers=auth(user))
+        assert r.status_code == 200, r.text
+        page = r.json()
+        assert page["object"] == "list" and isinstance(page["has_more"], bool)
+        items += page["data"]
+        if during is not None:
+            await during()
+        if not page["has_more"]:
+            assert page["next_cursor"] is None
+            return items
+        cursor = page["next_cursor"]
+
+
+async def test_walking_conversation_pages_returns_each_once_even_while_new_ones_arrive(api: Api) -> None:
+    user = new_user()
+    made = [await api.create(user, title=f"c{i}") for i in range(23)]
+    last = made[-1]["position"]
+    url = f"/v1/conversations?limit=5&min_position={last}"
+    desc = await walk(api, user, url)
+    assert [c["id"] for c in desc] == [c["id"] for c in reversed(made)]
+    asc = await walk(api, user, url + "&order=asc")
+    assert [c["id"] for c in asc] == [c["id"] for c in made]
+
+    async def another() -> None:
+        await api.create(user, title="arrived during the walk")
+
+    during = await walk(api, user, url, during=another)
+    ids = [c["id"] for c in during]
+    assert len(ids) == len(set(ids))
+    assert [i for i in ids if i in {c["id"] for c in made}] == [c["id"] for c in reversed(made)]
+
+
+async def test_walking_message_pages_in_both_orders(api: Api) -> None:
+    user = new_user()
+    c = await api.create(user)
+    last = [await api.say(user, c["id"], f"m{i}") for i in range(12)][-1]["position"]
+    url = f"/v1/conversations/{c['id']}/messages?limit=5&min_position={last}"
+    assert [m["seq"] for m in await walk(api, user, url)] == list(range(1, 13))
+    assert [m["seq"] for m in await walk(api, user, url + "&order=desc")] == list(range(12, 0, -1))
+    default = (await api.client.get(f"/v1/conversations/{c['id']}/messages", headers=auth(user))).json()
+    assert len(default["data"]) == 12  # default limit 50
+
+
+async def test_tampered_and_foreign_cursors_are_422(api: Api) -> None:
+    alice, bob = new_user(), new_user()
+    made = [await api.create(alice) for _ in range(3)]
+    page = (
+        await api.client.get(f"/v1/conversations?limit=1&min_position={made[-1]['position']}", headers=auth(alice))
+    ).json()
+    cursor = page["next_cursor"]
+    payload, mac = cursor.split(".")
+    raw = base64.urlsafe_b64decode(payload + "==")
+    forged = base64.urlsafe_b64encode(raw.replace(b'"conversations', b'"Conversations')).rstrip(b"=").decode()
+    for bad in (f"{forged}.{mac}", cursor[:-2] + "AA", "garbage", "a.b.c", "%00", cursor + "x" * 3000):
+        r = await api.client.get("/v1/conversations", params={"cursor": bad}, headers=auth(alice))
+        assert_problem(r, 422, "validation_error")
+    assert_problem(
+        await api.client.get("/v1/conversations", params={"cursor": cursor}, headers=auth(bob)), 422, "validation_error"
+    )
+    r = await api.client.get("/v1/conversations", params={"cursor": cursor, "order": "asc"}, headers=auth(alice))
+    assert_problem(r, 422, "validation_error")
+
+
+# --- read-your-writes -------------------------------------------------------------------
+
+
+async def test_min_position_waits_for_the_read_models_and_gives_up_with_503(api: Api) -> None:
+    user = new_user()
+    c = await api.create(user)
+    r = await api.client.get(f"/v1/conversations/{c['id']}?min_position={c['position']}", headers=auth(user))
+    assert r.status_code == 200
+    started = time.monotonic()
+    r = await api.client.get("/v1/conversations?min_position=999999999", headers=auth(user))
+    body = assert_problem(r, 503, "not_ready")
+    assert r.headers["retry-after"].isdigit() and 0.9 < time.monotonic() - started < 5
+    assert "999999999" in body["detail"]
+
+
+# --- deletion ---------------------------------------------------------------------------
+
+
+async def test_a_deleted_conversation_vanishes_from_every_read_but_its_events_stay(api: Api) -> None:
+    user = new_user()
+    c = await api.create(user, title="doomed")
+    await api.say(user, c["id"], "bye")
+    r = await api.client.delete(f"/v1/conversations/{c['id']}", headers=auth(user))
+    assert r.status_code == 204 and r.content == b""
+    feed = (await api.client.get("/v1/events", headers=auth(user))).json()
+    assert [e["type"] for e in feed["data"]] == ["conversation.started", "message.appended", "conversation.deleted"]
+    deleted_at = feed["data"][-1]["position"]
+    for url in (f"/v1/conversations/{c['id']}?min_position={deleted_at}", f"/v1/conversations/{c['id']}/messages"):
+        assert_problem(await api.client.get(url, headers=auth(user)), 404, "not_found")
+    assert (await api.client.get(f"/v1/conversations?min_position={deleted_at}", headers=auth(user))).json()[
+        "data"
+    ] == []
+    for method, url, body in (
+        ("DELETE", f"/v1/conversations/{c['id']}", None),
+        ("PATCH", f"/v1/conversations/{c['id']}", {"title": "x"}),
+        ("POST", f"/v1/conversations/{c['id']}/messages", {"role": "user", "content": "x"}),
+    ):
+        assert_problem(await api.client.request(method, url, json=body, headers=auth(user)), 404, "not_found")
+
+
+# --- the event feed ---------------------------------------------------------------------
+
+
+async def test_the_event_feed_lists_own_events_in_commit_order_by_after_and_cursor(api: Api) -> None:
+    user = new_user()
+    c = await api.create(user, title="feed")
+    msgs = [await api.say(user, c["id"], f"m{i}") for i in range(4)]
+    everything = await walk(api, user, "/v1/events?limit=2")
+    assert [e["position"] for e in everything] == [c["position"]] + [m["position"] for m in msgs]
+    first = everything[0]
+    assert set(first) == {
+        "position",
+        "event_id",
+        "type",
+        "conversation_id",
+        "version",
+        "data",
+        "metadata",
+        "recorded_at",
+    }
+    assert first["data"] == {"title": "feed", "metadata": {}} and first["conversation_id"] == c["id"]
+    assert TIMESTAMP.match(first["recorded_at"]) and first["version"] == 1
+    after = (await api.client.get(f"/v1/events?after={msgs[1]['position']}", headers=auth(user))).json()
+    assert [e["position"] for e in after["data"]] == [msgs[2]["position"], msgs[3]["position"]]
+    assert after["data"][0]["data"]["seq"] == 3
+
+
+# --- authentication ---------------------------------------------------------------------
+
+
+def _unsigned(claims: dict[str, Any]) -> str:
+    def part(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "Bearer",
+        "Basic dXNlcjpwYXNz",
+        f"Bearer {jwt.encode({'sub': 'a', 'exp': int(time.time()) - 60}, SECRET, algorithm='HS256')}",
+        f"Bearer {jwt.encode({'sub': 'a', 'exp': int(time.time()) + 60}, 'x' + SECRET, algorithm='HS256')}",
+        f"Bearer {jwt.encode({'sub': 'a'}, SECRET, algorithm='HS256')}",
+        f"Bearer {jwt.encode({'exp': int(time.time()) + 60}, SECRET, algorithm='HS256')}",
+        f"Bearer {jwt.encode({'sub': '', 'exp': int(time.time()) + 60}, SECRET, algorithm='HS256')}",
+        f"Bearer {jwt.encode({'sub': 'x' * 256, 'exp': int(time.time()) + 60}, SECRET, algorithm='HS256')}",
+        f"Bearer {jwt.encode({'sub': 'a', 'exp': int(time.time()) + 60}, SECRET, algorithm='HS512')}",
+        f"Bearer {_unsigned({'sub': 'a', 'exp': int(time.time()) + 60})}",
+        "Bearer not.a.jwt",
+    ],
+    ids=[
+        "none",
+        "empty",
+        "basic",
+        "expired",
+        "forged",
+        "no-exp",
+        "no-sub",
+        "empty-sub",
+        "long-sub",
+        "hs512",
+        "alg-none",
+        "junk",
+    ],
+)
+async def test_bad_tokens_are_401_on_every_route(api: Api, header: str | None) -> None:
+    headers = {"Authorization": header} if header is not None else {}
+    cid = uuid.uuid4()
+    for method, url, body in (
+        ("GET", "/v1/conversations", None),
+        ("POST", "/v1/conversations", {}),
+        ("GET", f"/v1/conversations/{cid}", None),
+        ("POST", f"/v1/conversations/{cid}/messages", {"role": "user", "content": "x"}),
+        ("GET", "/v1/events", None),
+    ):
+        r = await api.client.request(method, url, json=body, headers=headers)
+        assert_problem(r, 401, "unauthorized")
+        assert r.headers["www-authenticate"] == "Bearer"
+
+
+# --- operations and OpenAPI -------------------------------------------------------------
+
+
+async def test_operations_routes_need_no_token(api: Api) -> None:
+    assert (await api.client.get("/healthz")).status_code == 200
+    ready = await api.client.get("/readyz")
+    assert ready.status_code == 200 and "conversations" in ready.json()["projections"]
+    await api.create(new_user())
+    metrics = (await api.client.get("/metrics")).text
+    assert 'chatlog_http_requests_total{method="POST",route="/v1/conversations",status="201"}' in metrics
+    assert "chatlog_http_request_duration_seconds_bucket" in metrics
+    assert "chatlog_events_appended_total" in metrics and "chatlog_projection_lag_events" in metrics
+
+
+async def test_every_answer_carries_a_request_id(api: Api) -> None:
+    r = await api.client.get("/v1/conversations", headers=auth(new_user()) | {"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = await api.client.get("/v1/conversations", headers={"X-Request-ID": "bad id with spaces"})
+    assert r.headers["x-request-id"] != "bad id with spaces" and len(r.headers["x-request-id"]) == 36
+
+
+async def test_the_openapi_document_lists_problem_answers_and_no_400(api: Api) -> None:
+    doc = (await api.client.get("/schema/openapi.json")).json()
+    operations = [(p, m, op) for p, item in doc["paths"].items() for m, op in item.items() if p.startswith("/v1/")]
+    assert len(operations) == 8
+    for path, method, op in operations:
+        responses = op["responses"]
+        assert "400" not in responses, (path, method)
+        for status in ("401", "422", "500"):
+            assert "application/problem+json" in responses[status]["content"], (path, method, status)
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
