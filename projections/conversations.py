@@ -116,9 +116,7 @@ class ConversationsProjection:
 _UNCHANGED: Final = object()
 
 
-def fold(
-    conv: Conversation | None, e: RecordedEvent, *, deleted: bool = False
-) -> tuple[Any, tuple[Any, ...] | None]:
+def fold(conv: Conversation | None, e: RecordedEvent, *, deleted: bool = False) -> tuple[Any, tuple[Any, ...] | None]:
     """One event applied to its conversation's state (None: none yet, or `deleted`).
 
     Returns the new state (None once deleted, or `_UNCHANGED` for an event after the deletion)
