@@ -10,6 +10,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -135,3 +136,12 @@ def chatlog_env(db_url: str, tmp_path: Path) -> Iterator[dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
     env.update(CHATLOG_DATABASE_URL=db_url, CHATLOG_DATA_DIR=str(tmp_path / "data"))
     yield env
+
+
+@pytest.fixture(scope="module")
+async def api(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+    """`chatlog serve` as a subprocess on a database of its own, shared by one test module."""
+    from tests.support import serve_api
+
+    async for client in serve_api(databases, tmp_path_factory):
+        yield client

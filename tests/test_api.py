@@ -5,113 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import re
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import jwt
 import pytest
 
-from tests.conftest import Databases
-
-SECRET = "contract-suite-secret-" + "0123456789abcdef" * 4  # long enough for HS512 too
-TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-
-
-def token(user: str, **claims: Any) -> str:
-    now = int(time.time())
-    payload = {"sub": user, "iat": now, "exp": now + 600, **claims}
-    return jwt.encode(payload, SECRET, algorithm="HS256")
-
-
-def auth(user: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token(user)}"}
-
-
-class Api:
-    def __init__(self, base_url: str, db_url: str) -> None:
-        self.base_url = base_url
-        self.db_url = db_url
-        self.client = httpx.AsyncClient(base_url=base_url, timeout=30, limits=httpx.Limits(max_connections=100))
-
-    async def create(self, user: str, **body: Any) -> dict[str, Any]:
-        r = await self.client.post("/v1/conversations", json=body, headers=auth(user))
-        assert r.status_code == 201, r.text
-        return dict(r.json())
-
-    async def say(self, user: str, cid: str, content: str = "hi", **extra: Any) -> dict[str, Any]:
-        r = await self.client.post(
-            f"/v1/conversations/{cid}/messages", json={"role": "user", "content": content, **extra}, headers=auth(user)
-        )
-        assert r.status_code == 201, r.text
-        return dict(r.json())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-async def api(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
-    db_url = await databases.fresh()
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
-    env.update(
-        CHATLOG_DATABASE_URL=db_url,
-        CHATLOG_DATA_DIR=str(tmp_path_factory.mktemp("api-data")),
-        CHATLOG_JWT_SECRET=SECRET,
-        CHATLOG_PROJECTION_POLL_INTERVAL="0.05",
-        CHATLOG_READ_WAIT_SECONDS="1",
-        CHATLOG_LOG_LEVEL="WARNING",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"chatlog serve did not start: {proc.communicate()[0]}")
-        await asyncio.sleep(0.2)
-    client = Api(base, db_url)
-    yield client
-    await client.client.aclose()
-    proc.terminate()
-    out, _ = proc.communicate(timeout=30)
-    assert "Traceback" not in out, out
-
-
-def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/problem+json")
-    body = r.json()
-    assert body["status"] == status and body["code"] == code
-    assert isinstance(body["type"], str) and isinstance(body["title"], str) and isinstance(body["detail"], str)
-    assert "Traceback" not in r.text and "SELECT" not in r.text and "asyncpg" not in r.text
-    return dict(body)
-
-
-def new_user() -> str:
-    return f"user-{uuid.uuid4().hex[:10]}"
-
+from tests.support import SECRET, TIMESTAMP, Api, assert_problem, auth, new_user
 
 # --- shapes -----------------------------------------------------------------------------
 

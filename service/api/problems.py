@@ -127,6 +127,8 @@ EXCEPTION_HANDLERS: Final[dict[int | type[Exception], Any]] = {
     BadRequest: lambda r, e: problem(
         422, _clean(str(e)), errors=[{"key": e.field, "message": _clean(str(e))}] if e.field else None
     ),
+    # Litestar meets a body that is not UTF-8 before any handler: bad input, not a server error.
+    UnicodeDecodeError: lambda r, e: problem(422, "the body is not valid UTF-8"),
     Unauthorized: lambda r, e: problem(401, _clean(str(e)), headers={"WWW-Authenticate": "Bearer"}),
     NotReady: lambda r, e: problem(503, str(e), headers={"Retry-After": str(e.retry_after)}),
     Exception: _internal,

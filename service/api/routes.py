@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from litestar import Request, Response, delete, get, patch, post
@@ -116,6 +116,18 @@ DEPENDENCIES = {
 }
 
 
+BodyT = TypeVar("BodyT", bound=msgspec.Struct)
+
+
+async def strict(request: Request[Any, Any, State], body: BodyT) -> BodyT:
+    """The body decoded once more, strictly: Litestar's decoding turns "1" into 1; the contract
+    says a wrong type is a validation error."""
+    try:
+        return msgspec.json.decode(await request.body(), type=type(body), strict=True)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(str(exc)) from None
+
+
 def idempotency(request: Request[Any, Any, State], key: str | None, body: msgspec.Struct) -> commands.Idempotency:
     if key is not None:
         try:
@@ -149,6 +161,7 @@ async def create_conversation(
     store: Store,
     idempotency_key: IdempotencyKey = None,
 ) -> Response[schemas.Conversation]:
+    data = await strict(request, data)
     conversation, replayed = await commands.create_conversation(
         store, user, data, idempotency(request, idempotency_key, data)
     )
@@ -200,8 +213,13 @@ async def get_conversation(
     responses=problems(404, 409, 422),
 )
 async def update_conversation(
-    data: JSONBody[schemas.ConversationPatch], user: User, store: Store, conversation_id: ConversationId
+    request: Request[Any, Any, State],
+    data: JSONBody[schemas.ConversationPatch],
+    user: User,
+    store: Store,
+    conversation_id: ConversationId,
 ) -> schemas.Conversation:
+    data = await strict(request, data)
     return await commands.update_conversation(store, user, _uuid(conversation_id), data)
 
 
@@ -234,6 +252,7 @@ async def append_message(
     conversation_id: ConversationId,
     idempotency_key: IdempotencyKey = None,
 ) -> Response[schemas.Message]:
+    data = await strict(request, data)
     message, replayed = await commands.append_message(
         store, user, _uuid(conversation_id), data, idempotency(request, idempotency_key, data)
     )
