@@ -46,6 +46,9 @@ def lock_key(name: str) -> int:
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: int = 1000
     poll_interval: float = 1.0
+    # After a wake-up, wait this long for more events before reading: under a stream of appends
+    # one batch then carries many events instead of each its own transaction.
+    linger: float = 0.005
     standby_interval: float = 1.0
     reconnect_interval: float = 1.0
 
@@ -198,6 +201,8 @@ class Worker:
                 self.applied += applied
                 if applied < self.settings.batch_size:
                     await self._sleep(self.settings.poll_interval, wakeable=True)
+                    if self._wake.is_set() and not self._stop.is_set() and self.settings.linger > 0:
+                        await asyncio.sleep(self.settings.linger)
         finally:
             self.active = False
             conn.terminate()

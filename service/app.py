@@ -22,6 +22,7 @@ from service.api.middleware import RequestMetrics, request_context
 from service.api.problems import EXCEPTION_HANDLERS
 from service.api.routes import DEPENDENCIES, ROUTES
 from service.auth import TokenVerifier, jwt_secret
+from service.commands import ConversationHeads
 from service.connections import ConnectionPool
 from service.database import head_revision, make_engine
 from service.eventstore import EventStore
@@ -142,6 +143,7 @@ def create_app(settings: Settings) -> Litestar:
                 "metrics_registry": registry,
                 "metrics_collector": collector,
                 "verifier": TokenVerifier(settings),
+                "heads": ConversationHeads(),
                 "cursors": Cursors(settings.cursor_secret or jwt_secret(settings)),
             }
         ),

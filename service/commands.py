@@ -45,6 +45,31 @@ FROM (SELECT stream_version, user_id, type FROM events WHERE stream_id = $1
 """
 
 
+class ConversationHeads:
+    """The last committed (owner, version, last message seq) of conversations this process wrote.
+
+    A message is appended at the remembered version without reading the log first. Any change
+    to a conversation, by any process (a deletion too), moves its version on, so a stale memory
+    makes the append conflict; the command then forgets it, reads the log and decides again.
+    """
+
+    def __init__(self, size: int = 65_536) -> None:
+        self.size = size
+        self._heads: dict[uuid.UUID, tuple[str, int, int]] = {}
+
+    def get(self, conversation_id: uuid.UUID) -> tuple[str, int, int] | None:
+        return self._heads.get(conversation_id)
+
+    def remember(self, conversation_id: uuid.UUID, owner: str, version: int, last_seq: int) -> None:
+        self._heads.pop(conversation_id, None)
+        self._heads[conversation_id] = (owner, version, last_seq)
+        if len(self._heads) > self.size:
+            del self._heads[next(iter(self._heads))]
+
+    def forget(self, conversation_id: uuid.UUID) -> None:
+        self._heads.pop(conversation_id, None)
+
+
 class Idempotency:
     """The Idempotency-Key of a request and the fingerprint of what it asked."""
 
@@ -110,7 +135,11 @@ def message_view(recorded: RecordedEvent) -> schemas.Message:
 
 
 async def create_conversation(
-    store: EventStore, user_id: str, body: schemas.ConversationCreate, idempotency: Idempotency
+    store: EventStore,
+    heads: ConversationHeads,
+    user_id: str,
+    body: schemas.ConversationCreate,
+    idempotency: Idempotency,
 ) -> tuple[schemas.Conversation, bool]:
     """The new conversation (as of its creation) and whether this answer is a replay."""
     replay = await _replayed(store, user_id, idempotency)
@@ -126,6 +155,7 @@ async def create_conversation(
             )
         except (VersionConflict, NotFound):
             raise ConversationExists(str(body.id)) from None
+        heads.remember(result.stream_id, user_id, result.version, 0)
         replay = result, await _stored(store, user_id, result)
     result, events = replay
     state = fold_stream(events)
@@ -135,6 +165,7 @@ async def create_conversation(
 
 async def append_message(
     store: EventStore,
+    heads: ConversationHeads,
     user_id: str,
     conversation_id: uuid.UUID,
     body: schemas.MessageCreate,
@@ -143,11 +174,20 @@ async def append_message(
     replay = await _replayed(store, user_id, idempotency)
     if replay is not None:
         return message_view(replay[1][0]), True
+    expected = body.expected_version
     for _ in range(MAX_RETRIES):
-        async with store.pool.acquire() as conn:
-            version, last_seq = await _live_head(conn, user_id, conversation_id)
-        if body.expected_version is not None and body.expected_version != version:
-            raise VersionConflict(body.expected_version, version)
+        known = heads.get(conversation_id)
+        if known is not None and known[0] != user_id:
+            raise NotFound(str(conversation_id))  # owners never change
+        remembered = known is not None and (expected is None or expected == known[1])
+        if known is not None and remembered:
+            version, last_seq = known[1], known[2]
+        else:
+            async with store.pool.acquire() as conn:
+                version, last_seq = await _live_head(conn, user_id, conversation_id)
+            heads.remember(conversation_id, user_id, version, last_seq)
+            if expected is not None and expected != version:
+                raise VersionConflict(expected, version)
         event = MessageAppended(
             message_id=uuid7(), role=body.role, content=body.content, metadata=body.metadata, seq=last_seq + 1
         )
@@ -161,13 +201,15 @@ async def append_message(
                 fingerprint=idempotency.fingerprint,
             )
         except VersionConflict:
-            if body.expected_version is not None:
-                raise
-            continue  # another append came first: read the head again
+            heads.forget(conversation_id)
+            if expected is not None and not remembered:
+                raise  # the client's version, checked against the log just now, is stale
+            continue  # the remembered head was stale, or another append came first: read the log again
         if result.replayed:  # a concurrent retry with the same key won
             return message_view((await _stored(store, user_id, result))[0]), True
+        heads.remember(conversation_id, user_id, result.version, last_seq + 1)
         return message_view(_recorded(user_id, conversation_id, event, result)), False
-    raise VersionConflict(body.expected_version or 0, -1)
+    raise VersionConflict(expected or 0, -1)
 
 
 def _recorded(user_id: str, stream_id: uuid.UUID, event: Event, result: Appended) -> RecordedEvent:
@@ -185,8 +227,15 @@ def _recorded(user_id: str, stream_id: uuid.UUID, event: Event, result: Appended
 
 
 async def _change(
-    store: EventStore, user_id: str, conversation_id: uuid.UUID, events: Sequence[Event], expected: int | None
+    store: EventStore,
+    heads: ConversationHeads,
+    user_id: str,
+    conversation_id: uuid.UUID,
+    events: Sequence[Event],
+    expected: int | None,
 ) -> Appended:
+    """Append a change to the user's live conversation, read from the log (changes are rare)."""
+    heads.forget(conversation_id)
     for _ in range(MAX_RETRIES):
         async with store.pool.acquire() as conn:
             version, _ = await _live_head(conn, user_id, conversation_id)
@@ -201,12 +250,17 @@ async def _change(
 
 
 async def update_conversation(
-    store: EventStore, user_id: str, conversation_id: uuid.UUID, body: schemas.ConversationPatch
+    store: EventStore,
+    heads: ConversationHeads,
+    user_id: str,
+    conversation_id: uuid.UUID,
+    body: schemas.ConversationPatch,
 ) -> schemas.Conversation:
     if body.title is None and body.metadata is None:
         raise BadRequest("give a title, metadata, or both")
     result = await _change(
         store,
+        heads,
         user_id,
         conversation_id,
         [ConversationUpdated(title=body.title, metadata=body.metadata)],
@@ -220,7 +274,7 @@ async def update_conversation(
 
 
 async def delete_conversation(
-    store: EventStore, user_id: str, conversation_id: uuid.UUID, expected_version: int | None
+    store: EventStore, heads: ConversationHeads, user_id: str, conversation_id: uuid.UUID, expected_version: int | None
 ) -> int:
-    result = await _change(store, user_id, conversation_id, [ConversationDeleted()], expected_version)
+    result = await _change(store, heads, user_id, conversation_id, [ConversationDeleted()], expected_version)
     return result.position

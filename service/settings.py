@@ -28,6 +28,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     run_workers: bool = True  # `chatlog serve` runs the projection workers in-process
     projection_batch_size: int = 1000
     projection_poll_interval: float = 1.0
+    projection_linger: float = 0.005
     replay_batch_size: int = 5000
     # HTTP limits (shared/API.md)
     max_body_bytes: int = 1_048_576

@@ -155,6 +155,7 @@ def _replayed(body: Any, status: int, replayed: bool) -> LitestarResponse[Any]:
     responses=problems(409, 422),
 )
 async def create_conversation(
+    state: State,
     request: Request[Any, Any, State],
     data: JSONBody[schemas.ConversationCreate],
     user: User,
@@ -163,7 +164,7 @@ async def create_conversation(
 ) -> Response[schemas.Conversation]:
     data = await strict(request, data)
     conversation, replayed = await commands.create_conversation(
-        store, user, data, idempotency(request, idempotency_key, data)
+        store, state.heads, user, data, idempotency(request, idempotency_key, data)
     )
     return _replayed(conversation, 201, replayed)
 
@@ -213,6 +214,7 @@ async def get_conversation(
     responses=problems(404, 409, 422),
 )
 async def update_conversation(
+    state: State,
     request: Request[Any, Any, State],
     data: JSONBody[schemas.ConversationPatch],
     user: User,
@@ -220,7 +222,7 @@ async def update_conversation(
     conversation_id: ConversationId,
 ) -> schemas.Conversation:
     data = await strict(request, data)
-    return await commands.update_conversation(store, user, _uuid(conversation_id), data)
+    return await commands.update_conversation(store, state.heads, user, _uuid(conversation_id), data)
 
 
 @delete(
@@ -230,12 +232,13 @@ async def update_conversation(
     responses=problems(404, 409, 422),
 )
 async def delete_conversation(
+    state: State,
     user: User,
     store: Store,
     conversation_id: ConversationId,
     expected_version: Annotated[int | None, QueryParameter(ge=0, le=2_147_483_647)] = None,
 ) -> None:
-    await commands.delete_conversation(store, user, _uuid(conversation_id), expected_version)
+    await commands.delete_conversation(store, state.heads, user, _uuid(conversation_id), expected_version)
 
 
 @post(
@@ -245,6 +248,7 @@ async def delete_conversation(
     responses=problems(404, 409, 422),
 )
 async def append_message(
+    state: State,
     request: Request[Any, Any, State],
     data: JSONBody[schemas.MessageCreate],
     user: User,
@@ -254,7 +258,7 @@ async def append_message(
 ) -> Response[schemas.Message]:
     data = await strict(request, data)
     message, replayed = await commands.append_message(
-        store, user, _uuid(conversation_id), data, idempotency(request, idempotency_key, data)
+        store, state.heads, user, _uuid(conversation_id), data, idempotency(request, idempotency_key, data)
     )
     return _replayed(message, 201, replayed)
 
