@@ -126,6 +126,9 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[lifespan],
         on_startup=[_problem_documents_only],
         request_max_body_size=settings.max_body_bytes,
+        # Logging is configured once, by the CLI (CHATLOG_LOG_LEVEL); Litestar's default would
+        # replace it with its own INFO-level queue handler.
+        logging_config=None,
         openapi_config=OpenAPIConfig(
             title="chatlog",
             version="0.1.0",

@@ -80,7 +80,7 @@ async def test_patch_changes_title_and_metadata_and_answers_the_whole_conversati
 async def test_a_stale_expected_version_is_409_with_the_current_version_and_stores_nothing(api: Api) -> None:
     user = new_user()
     c = await api.create(user)
-    await api.say(user, c["id"], "one", expected_version=1)
+    one = await api.say(user, c["id"], "one", expected_version=1)
     for method, url, body in (
         ("POST", f"/v1/conversations/{c['id']}/messages", {"role": "user", "content": "late", "expected_version": 1}),
         ("PATCH", f"/v1/conversations/{c['id']}", {"title": "late", "expected_version": 1}),
@@ -88,7 +88,9 @@ async def test_a_stale_expected_version_is_409_with_the_current_version_and_stor
     ):
         r = await api.client.request(method, url, json=body, headers=auth(user))
         assert assert_problem(r, 409, "version_conflict")["current_version"] == 2
-    msgs = (await api.client.get(f"/v1/conversations/{c['id']}/messages?min_position=1", headers=auth(user))).json()
+    msgs = (
+        await api.client.get(f"/v1/conversations/{c['id']}/messages?min_position={one['position']}", headers=auth(user))
+    ).json()
     assert [m["content"] for m in msgs["data"]] == ["one"]
 
 
@@ -167,7 +169,9 @@ async def test_another_users_conversation_is_404_on_every_route(api: Api) -> Non
     assert feed["data"] == []
     r = await api.client.get(f"/v1/events?after={m['position']}", headers=auth(bob))
     assert_problem(r, 422, "validation_error")
-    mine = (await api.client.get(f"/v1/conversations/{cid}/messages?min_position=1", headers=auth(alice))).json()
+    mine = (
+        await api.client.get(f"/v1/conversations/{cid}/messages?min_position={m['position']}", headers=auth(alice))
+    ).json()
     assert [x["content"] for x in mine["data"]] == ["secret"]
 
 
