@@ -163,6 +163,12 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--skip-history", action="store_true")
+    parser.add_argument(
+        "--projector",
+        choices=["in-process", "separate"],
+        default="in-process",
+        help="run the projection worker inside the API process (default) or as `chatlog project` beside it",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("benchmarks/http.py needs wrk: apt-get install wrk")
@@ -182,8 +188,11 @@ async def main() -> None:
     }
     port, naive_port = free_port(), free_port()
     base, naive = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{naive_port}"
+    serve = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    if args.projector == "separate":
+        serve.append("--no-workers")
     procs = [
-        start([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env, f"{base}/healthz"),
+        start(serve, env, f"{base}/healthz"),
         start(
             [sys.executable, "-m", "uvicorn", "benchmarks.naive_app:app", "--port", str(naive_port),
              "--log-level", "warning", "--no-access-log"],
@@ -191,10 +200,12 @@ async def main() -> None:
             f"{naive}/",
         ),
     ]  # fmt: skip
+    if args.projector == "separate":
+        procs.append(start([sys.executable, "-m", "service.cli", "project"], env, f"{base}/healthz"))
     try:
         conn = await asyncpg.connect(libpq(db_url))
         print(f"PostgreSQL {await conn.fetchval('SHOW server_version')}, {os.cpu_count()} cores, "
-              f"wrk {args.seconds:g} s per measurement")  # fmt: skip
+              f"wrk {args.seconds:g} s per measurement, projection worker {args.projector}")  # fmt: skip
         await conn.close()
         headers = {"Authorization": f"Bearer {token('bench-writer')}", "Content-Type": "application/json"}
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
