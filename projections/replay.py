@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -133,6 +134,21 @@ async def _locked_checkpoint(conn: asyncpg.Connection, name: str) -> Checkpoint:
     return Checkpoint(int(row[0]), row[1])
 
 
+@contextlib.contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """Folding a long log allocates many short-lived objects and no cycles worth chasing; with
+    the default thresholds Python's collector took about 30% of replay's CPU (measured at 1M
+    events), for no memory gain. Raised for the fold, restored after."""
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
 @contextlib.asynccontextmanager
 async def _exclusive(conn: asyncpg.Connection, name: str) -> Any:
     key = lock_key(f"{name}:rebuild")
@@ -154,9 +170,11 @@ async def replay(
         async with _exclusive(writer, projection.name):
             await ensure_checkpoint(writer, projection.name)
             names = await _create_shadow(writer, projection, REPLAY)
-            checkpoint = await _fold(
-                reader, writer, projection, names, Checkpoint(), until=None, batch_size=batch_size, progress=progress
-            )
+            with _fewer_collections():
+                checkpoint = await _fold(
+                    reader, writer, projection, names, Checkpoint(),
+                    until=None, batch_size=batch_size, progress=progress,
+                )  # fmt: skip
             await _add_foreign_keys(writer, projection, names)  # before the worker is paused
             async with writer.transaction():
                 await _locked_checkpoint(writer, projection.name)  # the live worker waits from here on
@@ -240,10 +258,11 @@ async def verify(url: str, projection: Projection, *, batch_size: int = 5000, li
                 raise ProjectionFailed(projection.name, row["failed_position"], row["error"])
             names = await _create_shadow(writer, projection, VERIFY)
             try:
-                done = await _fold(
-                    reader, writer, projection, names, Checkpoint(),
-                    until=Checkpoint(int(row["tx_id"]), row["position"]), batch_size=batch_size, progress=None,
-                )  # fmt: skip
+                with _fewer_collections():
+                    done = await _fold(
+                        reader, writer, projection, names, Checkpoint(),
+                        until=Checkpoint(int(row["tx_id"]), row["position"]), batch_size=batch_size, progress=None,
+                    )  # fmt: skip
                 async with writer.transaction():
                     live = await _locked_checkpoint(writer, projection.name)
                     await _fold(

@@ -187,7 +187,13 @@ class Worker:
     async def _run_connected(self) -> None:
         conn: asyncpg.Connection = await asyncpg.connect(
             **connect_args(self.url),
-            server_settings={"application_name": f"chatlog-projection-{self.projection.name}-{os.getpid()}"},
+            server_settings={
+                "application_name": f"chatlog-projection-{self.projection.name}-{os.getpid()}",
+                # This connection lives long. A generic plan cached while `conversations` looked
+                # empty (analyzed before any row arrived) makes the per-row foreign-key check a
+                # sequential scan for good, and catch-up quadratic; custom plans stay correct.
+                "plan_cache_mode": "force_custom_plan",
+            },
         )
         try:
             if not await self._become_active(conn):

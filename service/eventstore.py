@@ -456,8 +456,8 @@ async def read_stream(
 async def read_all(conn: asyncpg.Connection, after: Checkpoint, limit: int = 1000) -> list[RecordedEvent]:
     """The next events of the whole log after `after`, gap-safely (see the module docstring).
 
-    Run it before the transaction writes anything: the reader's own transaction id would
-    otherwise hold the horizon back.
+    If the reader's transaction already has an id (the worker locks its checkpoint row first),
+    the horizon stops at that id: events of newer transactions wait for the next read.
     """
     return [recorded(row) for row in await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)]
 
