@@ -8,8 +8,12 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from service.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from projections.base import Projection
 
 log = logging.getLogger("chatlog")
 
@@ -86,16 +90,22 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_project(settings: Settings, args: argparse.Namespace) -> int:
+def _projections(settings: Settings, names: list[str]) -> tuple[list[Projection], Settings, str]:
+    """The named projections (all for none), and the settings with the database resolved."""
     from projections import select
+
+    projections = select(names)
+    settings = resolve_database(settings)
+    assert settings.database_url
+    return projections, settings, settings.database_url
+
+
+def cmd_project(settings: Settings, args: argparse.Namespace) -> int:
     from projections.worker import Worker
     from service.app import worker_settings
 
     _exit_on_signals()
-    projections = select(args.names)
-    settings = resolve_database(settings)
-    url = settings.database_url
-    assert url
+    projections, settings, url = _projections(settings, args.names)
 
     async def run() -> int:
         workers = [Worker(url, p, worker_settings(settings)) for p in projections]
@@ -114,14 +124,10 @@ def cmd_project(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from projections import select
     from projections.replay import replay, terminal_progress
 
     _exit_on_signals()
-    projections = select(args.names)
-    settings = resolve_database(settings)
-    url = settings.database_url
-    assert url
+    projections, settings, url = _projections(settings, args.names)
 
     async def run() -> None:
         for projection in projections:
@@ -142,13 +148,9 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
-    from projections import select
     from projections.replay import differences_report, verify
 
-    projections = select(args.names)
-    settings = resolve_database(settings)
-    url = settings.database_url
-    assert url
+    projections, settings, url = _projections(settings, args.names)
 
     async def run() -> int:
         status = 0

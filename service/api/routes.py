@@ -117,6 +117,7 @@ DEPENDENCIES = {
 
 
 BodyT = TypeVar("BodyT", bound=msgspec.Struct)
+PageItem = TypeVar("PageItem")
 
 
 async def strict(request: Request[Any, Any, State], body: BodyT) -> BodyT:
@@ -188,11 +189,7 @@ async def list_conversations(
     after = cursors.decode(cursor, scope, user) if cursor is not None else None
     async with state.pool.acquire() as conn:
         page, next_after = await queries.list_conversations(conn, user, limit, order == "desc", after)
-    return schemas.Page(
-        data=page,
-        has_more=next_after is not None,
-        next_cursor=cursors.encode(scope, user, next_after) if next_after is not None else None,
-    )
+    return _page(cursors, scope, user, page, next_after)
 
 
 @get(
@@ -284,11 +281,7 @@ async def list_messages(
     after = cursors.decode(cursor, scope, user) if cursor is not None else None
     async with state.pool.acquire() as conn:
         page, next_after = await queries.list_messages(conn, user, cid, limit, order == "desc", after)
-    return schemas.Page(
-        data=page,
-        has_more=next_after is not None,
-        next_cursor=cursors.encode(scope, user, next_after) if next_after is not None else None,
-    )
+    return _page(cursors, scope, user, page, next_after)
 
 
 @get(
@@ -315,10 +308,17 @@ async def list_events(
         else:
             start = Checkpoint()
         page, next_after = await queries.list_events(conn, user, start, limit)
+    return _page(cursors, "events", user, page, [next_after.tx_id, next_after.position] if next_after else None)
+
+
+def _page(
+    cursors: Cursors, scope: str, user: str, items: list[PageItem], next_after: list[Any] | None
+) -> schemas.Page[PageItem]:
+    """A list answer; its cursor (when more follow) resumes after `next_after`, in `scope` only."""
     return schemas.Page(
-        data=page,
+        data=items,
         has_more=next_after is not None,
-        next_cursor=cursors.encode("events", user, [next_after.tx_id, next_after.position]) if next_after else None,
+        next_cursor=cursors.encode(scope, user, next_after) if next_after is not None else None,
     )
 
 
