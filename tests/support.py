@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import socket
@@ -11,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -71,30 +71,49 @@ async def serve_api(databases: Databases, tmp_path_factory: pytest.TempPathFacto
         CHATLOG_READ_WAIT_SECONDS="1",
         CHATLOG_LOG_LEVEL="WARNING",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"chatlog serve did not start: {proc.communicate()[0]}")
-        await asyncio.sleep(0.2)
-    client = Api(base, db_url)
+    served = serve(env, port, tmp_path_factory.mktemp("api-log") / "serve.log")
+    client = Api(served.base_url, db_url)
     yield client
     await client.client.aclose()
-    proc.terminate()
-    out, _ = proc.communicate(timeout=30)
+    out = served.stop()
     assert "Traceback" not in out, out
+
+
+class Served:
+    """A running `chatlog serve`. Its output goes to a file: a pipe that nobody reads until the
+    end could fill up and block the server mid-test."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc, self.log = proc, log
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> str:
+        """Stop it with SIGTERM; its whole output."""
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        return self.log.read_text(errors="replace")
+
+
+def serve(env: dict[str, str], port: int, log: Path) -> Served:
+    """Start `chatlog serve` and wait (60 s at most) until it answers /healthz."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, stdout=out, stderr=out
+        )
+    served = Served(proc, port, log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"chatlog serve exited: {log.read_text(errors='replace')}")
+        try:
+            if httpx.get(f"{served.base_url}/healthz", timeout=1).status_code == 200:
+                return served
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait(timeout=30)
+    raise AssertionError("chatlog serve did not answer /healthz within 60 s")
 
 
 def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:

@@ -13,6 +13,8 @@ import httpx
 import jwt
 import pytest
 
+from tests.support import serve
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,49 +34,21 @@ def chatlog(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
-def serve_until_healthy(env: dict[str, str], port: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"chatlog serve exited: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("chatlog serve did not answer /healthz within 60 s")
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    proc.terminate()
-    out, _ = proc.communicate(timeout=30)
-    return out
-
-
 def test_serve_on_an_empty_data_dir_runs_embedded_postgres_and_reuses_it(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     env = clean_env(data_dir)
     port = free_port()
 
-    proc = serve_until_healthy(env, port)
+    served = serve(env, port, tmp_path / "first.log")
     try:
-        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        ready = httpx.get(f"{served.base_url}/readyz", timeout=5)
         assert ready.status_code == 200, ready.text
         assert ready.json()["schema_revision"] == ready.json()["expected_revision"]
         pid_file = data_dir / "postgres" / "postmaster.pid"
         postmaster = int(pid_file.read_text().split()[0])
     finally:
-        out = stop(proc)
-    assert proc.returncode == 0, out
+        out = served.stop()
+    assert served.proc.returncode == 0, out
     assert "Running upgrade" in out
     # The embedded server stopped with the process that started it.
     deadline = time.monotonic() + 10
@@ -82,11 +56,11 @@ def test_serve_on_an_empty_data_dir_runs_embedded_postgres_and_reuses_it(tmp_pat
         time.sleep(0.1)
     assert not _alive(postmaster)
 
-    proc = serve_until_healthy(env, port)
+    served = serve(env, port, tmp_path / "second.log")
     try:
-        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+        assert httpx.get(f"{served.base_url}/readyz", timeout=5).status_code == 200
     finally:
-        out = stop(proc)
+        out = served.stop()
     assert "Running upgrade" not in out, "the second start should find the schema already migrated"
 
 
