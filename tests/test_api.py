@@ -270,9 +270,9 @@ async def test_a_deleted_conversation_vanishes_from_every_read_but_its_events_st
     await api.say(user, c["id"], "bye")
     r = await api.client.delete(f"/v1/conversations/{c['id']}", headers=auth(user))
     assert r.status_code == 204 and r.content == b""
-    feed = (await api.client.get("/v1/events", headers=auth(user))).json()
-    assert [e["type"] for e in feed["data"]] == ["conversation.started", "message.appended", "conversation.deleted"]
-    deleted_at = feed["data"][-1]["position"]
+    feed = await feed_of(api, user, 3)
+    assert [e["type"] for e in feed] == ["conversation.started", "message.appended", "conversation.deleted"]
+    deleted_at = feed[-1]["position"]
     for url in (f"/v1/conversations/{c['id']}?min_position={deleted_at}", f"/v1/conversations/{c['id']}/messages"):
         assert_problem(await api.client.get(url, headers=auth(user)), 404, "not_found")
     assert (await api.client.get(f"/v1/conversations?min_position={deleted_at}", headers=auth(user))).json()[
@@ -289,10 +289,22 @@ async def test_a_deleted_conversation_vanishes_from_every_read_but_its_events_st
 # --- the event feed ---------------------------------------------------------------------
 
 
+async def feed_of(api: Api, user: str, count: int) -> list[dict[str, Any]]:
+    """The user's feed once it lists `count` events. The feed shows an event only when every
+    older transaction has ended (the projection worker's batches hold one for milliseconds)."""
+    deadline = time.monotonic() + 5
+    while True:
+        data: list[dict[str, Any]] = (await api.client.get("/v1/events", headers=auth(user))).json()["data"]
+        if len(data) >= count or time.monotonic() > deadline:
+            return data
+        await asyncio.sleep(0.01)
+
+
 async def test_the_event_feed_lists_own_events_in_commit_order_by_after_and_cursor(api: Api) -> None:
     user = new_user()
     c = await api.create(user, title="feed")
     msgs = [await api.say(user, c["id"], f"m{i}") for i in range(4)]
+    await feed_of(api, user, 5)
     everything = await walk(api, user, "/v1/events?limit=2")
     assert [e["position"] for e in everything] == [c["position"]] + [m["position"] for m in msgs]
     first = everything[0]
