@@ -24,7 +24,7 @@ from service.api.routes import DEPENDENCIES, ROUTES
 from service.auth import TokenVerifier, jwt_secret
 from service.commands import ConversationHeads
 from service.connections import ConnectionPool
-from service.database import head_revision, make_engine
+from service.database import head_revision
 from service.eventstore import EventStore
 from service.metrics import ChatlogCollector, make_registry
 from service.settings import Settings
@@ -102,11 +102,10 @@ def create_app(settings: Settings) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        engine = make_engine(url, pool_size=settings.db_pool_size)
         pool = ConnectionPool(url, size=settings.db_pool_size)
         store = EventStore(pool)
         collector.store = store
-        app.state.engine, app.state.pool, app.state.store = engine, pool, store
+        app.state.pool, app.state.store = pool, store
         workers = start_workers(settings, store) if settings.run_workers else {}
         try:
             yield
@@ -116,7 +115,6 @@ def create_app(settings: Settings) -> Litestar:
                 await asyncio.gather(task, return_exceptions=True)
             await store.aclose()
             await pool.close()
-            await engine.dispose()
 
     app = Litestar(
         route_handlers=[healthz, readyz, metrics, *ROUTES],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Final
 
 import asyncpg
@@ -119,19 +120,23 @@ def conversation_view(
     )
 
 
-def message_view(recorded: RecordedEvent) -> schemas.Message:
-    event = recorded.event
+def message_view(event: Event, conversation_id: uuid.UUID, position: int, recorded_at: datetime) -> schemas.Message:
+    """The message a `message.appended` event recorded, at the position it was stored."""
     assert isinstance(event, MessageAppended) and event.seq is not None
     return schemas.Message(
         id=event.message_id,
-        conversation_id=recorded.stream_id,
+        conversation_id=conversation_id,
         seq=event.seq,
         role=event.role,
         content=event.content,
         metadata=event.metadata,
-        created_at=schemas.timestamp(recorded.recorded_at),
-        position=recorded.position,
+        created_at=schemas.timestamp(recorded_at),
+        position=position,
     )
+
+
+def stored_message_view(recorded: RecordedEvent) -> schemas.Message:
+    return message_view(recorded.event, recorded.stream_id, recorded.position, recorded.recorded_at)
 
 
 async def create_conversation(
@@ -173,7 +178,7 @@ async def append_message(
 ) -> tuple[schemas.Message, bool]:
     replay = await _replayed(store, user_id, idempotency)
     if replay is not None:
-        return message_view(replay[1][0]), True
+        return stored_message_view(replay[1][0]), True
     expected = body.expected_version
     for _ in range(MAX_RETRIES):
         known = heads.get(conversation_id)
@@ -206,24 +211,10 @@ async def append_message(
                 raise  # the client's version, checked against the log just now, is stale
             continue  # the remembered head was stale, or another append came first: read the log again
         if result.replayed:  # a concurrent retry with the same key won
-            return message_view((await _stored(store, user_id, result))[0]), True
+            return stored_message_view((await _stored(store, user_id, result))[0]), True
         heads.remember(conversation_id, user_id, result.version, last_seq + 1)
-        return message_view(_recorded(user_id, conversation_id, event, result)), False
+        return message_view(event, conversation_id, result.position, result.recorded_at), False
     raise VersionConflict(expected or 0, -1)
-
-
-def _recorded(user_id: str, stream_id: uuid.UUID, event: Event, result: Appended) -> RecordedEvent:
-    return RecordedEvent(
-        position=result.position,
-        event_id=uuid.UUID(int=0),  # not needed for the answer
-        stream_id=stream_id,
-        stream_version=result.version,
-        user_id=user_id,
-        event=event,  # type: ignore[arg-type]
-        metadata={},
-        recorded_at=result.recorded_at,
-        tx_id=0,
-    )
 
 
 async def _change(

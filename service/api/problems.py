@@ -134,4 +134,4 @@ EXCEPTION_HANDLERS: Final[dict[int | type[Exception], Any]] = {
     Exception: _internal,
 }
 
-__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_MEDIA_TYPE", "BadRequest", "NotReady", "Unauthorized", "problem"]
+__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_MEDIA_TYPE", "problem"]

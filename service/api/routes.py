@@ -22,7 +22,7 @@ from service.api.cursors import Cursors
 from service.auth import TokenError, TokenVerifier
 from service.errors import BadRequest, Unauthorized
 from service.events import EventValidationError
-from service.eventstore import Checkpoint, EventStore, NotFound, validate_idempotency_key
+from service.eventstore import Checkpoint, EventStore, validate_idempotency_key
 
 _PROBLEM_DESCRIPTIONS = {
     401: "no valid bearer token (code unauthorized)",
@@ -339,4 +339,4 @@ ROUTES = [
     list_events,
 ]
 
-__all__ = ["DEPENDENCIES", "ROUTES", "NotFound"]
+__all__ = ["DEPENDENCIES", "ROUTES"]
