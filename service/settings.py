@@ -35,6 +35,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_content_chars: int = 32_768
     max_title_chars: int = 200
     read_wait_seconds: float = 5.0  # how long a read with min_position waits
+    # Search (messages projection): the PostgreSQL text-search configuration of the index and
+    # of queries. Changing it needs `chatlog replay` to rebuild the stored vectors.
+    search_config: str = "simple"
+    # Chat (POST /v1/chat)
+    assistant: str = "echo"  # "echo" or "openai"
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: str | None = None
+    openai_model: str = "gpt-4o-mini"
+    openai_connect_timeout: float = 5.0
+    openai_read_timeout: float = 60.0
+    chat_history_messages: int = 100  # the prompt keeps system messages and the newest turns ...
+    chat_history_chars: int = 100_000  # ... within both caps
+    # MCP: each tool result is cut to this many characters of JSON
+    mcp_result_chars: int = 20_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
