@@ -17,11 +17,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from projections import PROJECTIONS
 from projections.worker import ProjectionStatus, Worker, WorkerSettings, projection_status
+from service.api.chat import ROUTES as CHAT_ROUTES
+from service.api.chat import document_stream
 from service.api.cursors import Cursors
 from service.api.middleware import RequestMetrics, request_context
 from service.api.problems import EXCEPTION_HANDLERS
 from service.api.routes import DEPENDENCIES, ROUTES
+from service.assistants import make_assistant
 from service.auth import TokenVerifier, jwt_secret
+from service.chat import Chat
 from service.commands import ConversationHeads
 from service.connections import ConnectionPool
 from service.database import head_revision
@@ -106,6 +110,7 @@ def create_app(settings: Settings) -> Litestar:
         store = EventStore(pool)
         collector.store = store
         app.state.pool, app.state.store = pool, store
+        app.state.chat = Chat(settings, store, app.state.heads, make_assistant(settings))
         workers = start_workers(settings, store) if settings.run_workers else {}
         try:
             yield
@@ -113,16 +118,17 @@ def create_app(settings: Settings) -> Litestar:
             for worker, task in workers.items():
                 worker.stop()
                 await asyncio.gather(task, return_exceptions=True)
+            await app.state.chat.aclose()
             await store.aclose()
             await pool.close()
 
     app = Litestar(
-        route_handlers=[healthz, readyz, metrics, *ROUTES],
+        route_handlers=[healthz, readyz, metrics, *ROUTES, *CHAT_ROUTES],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[request_context(request_metrics)],
         lifespan=[lifespan],
-        on_startup=[_problem_documents_only],
+        on_startup=[_problem_documents_only, document_stream],
         request_max_body_size=settings.max_body_bytes,
         # Logging is configured once, by the CLI (CHATLOG_LOG_LEVEL); Litestar's default would
         # replace it with its own INFO-level queue handler.

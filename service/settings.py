@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -39,7 +40,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # of queries. Changing it needs `chatlog replay` to rebuild the stored vectors.
     search_config: str = "simple"
     # Chat (POST /v1/chat)
-    assistant: str = "echo"  # "echo" or "openai"
+    assistant: Literal["echo", "openai"] = "echo"
     openai_base_url: str = "https://api.openai.com/v1"
     openai_api_key: str | None = None
     openai_model: str = "gpt-4o-mini"
@@ -47,6 +48,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     openai_read_timeout: float = 60.0
     chat_history_messages: int = 100  # the prompt keeps system messages and the newest turns ...
     chat_history_chars: int = 100_000  # ... within both caps
+    chat_concurrency: int = 16  # chat turns in flight per process (each holds a connection for its lock)
     # MCP: each tool result is cut to this many characters of JSON
     mcp_result_chars: int = 20_000
 

@@ -58,8 +58,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def serve_api(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
-    """`chatlog serve` on a fresh database, for one test module."""
+async def serve_api(
+    databases: Databases, tmp_path_factory: pytest.TempPathFactory, **settings: str
+) -> AsyncIterator[Api]:
+    """`chatlog serve` on a fresh database, for one test module; `settings` are more CHATLOG_* variables."""
     db_url = await databases.fresh()
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
@@ -70,6 +72,7 @@ async def serve_api(databases: Databases, tmp_path_factory: pytest.TempPathFacto
         CHATLOG_PROJECTION_POLL_INTERVAL="0.05",
         CHATLOG_READ_WAIT_SECONDS="1",
         CHATLOG_LOG_LEVEL="WARNING",
+        **settings,
     )
     served = serve(env, port, tmp_path_factory.mktemp("api-log") / "serve.log")
     client = Api(served.base_url, db_url)

@@ -16,6 +16,7 @@ from litestar.exceptions import HTTPException, NotAuthorizedException, Validatio
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from service.api.schemas import Problem
+from service.assistants import AssistantError
 from service.errors import BadRequest, ConversationExists, NotReady, Unauthorized
 from service.events import EventValidationError
 from service.eventstore import IdempotencyMismatch, NotFound, StaleTransaction, VersionConflict
@@ -131,7 +132,21 @@ EXCEPTION_HANDLERS: Final[dict[int | type[Exception], Any]] = {
     UnicodeDecodeError: lambda r, e: problem(422, "the body is not valid UTF-8"),
     Unauthorized: lambda r, e: problem(401, _clean(str(e)), headers={"WWW-Authenticate": "Bearer"}),
     NotReady: lambda r, e: problem(503, str(e), headers={"Retry-After": str(e.retry_after)}),
+    AssistantError: lambda r, e: problem(
+        502, _clean(str(e)), code="assistant_error", conversation_id=e.conversation_id
+    ),
     Exception: _internal,
 }
 
-__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_MEDIA_TYPE", "problem"]
+
+def answer_for(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """The problem document for `exc`, for an error met where Litestar cannot translate it (in
+    the middle of a streamed answer): the handler of its nearest class above."""
+    for cls in type(exc).__mro__:
+        if (handler := EXCEPTION_HANDLERS.get(cls)) is not None:
+            answer: Response[bytes] = handler(request, exc)
+            return answer
+    return _internal(request, exc)
+
+
+__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_MEDIA_TYPE", "answer_for", "problem"]

@@ -31,6 +31,7 @@ _PROBLEM_DESCRIPTIONS = {
     413: "the body is over the size limit (code payload_too_large)",
     422: "validation_error, or idempotency_mismatch for a reused Idempotency-Key",
     500: "internal error (code internal)",
+    502: "the assistant failed or timed out (code assistant_error); the user's message stays stored",
     503: "not_ready: the read models did not reach min_position in time (Retry-After)",
 }
 
