@@ -46,11 +46,12 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from projections import PROJECTIONS
+from projections import select
 from projections.replay import replay, verify
 from projections.worker import Worker, WorkerSettings
 from service.connections import connect_args
 from service.database import embedded_url, make_engine, migrate
+from service.settings import Settings
 
 DB = "chatlog_bench_projection"
 PER_CONVERSATION = 100  # events per conversation
@@ -106,7 +107,7 @@ async def last_event(conn: asyncpg.Connection) -> int:
 
 async def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     """One phase, in this (child) process; returns what the parent prints."""
-    projection = PROJECTIONS[NAME]
+    (projection,) = select(Settings.from_env(), [NAME])
     conn = await asyncpg.connect(**connect_args(args.url))
     note = ""
     cpu = time.process_time()

@@ -23,6 +23,7 @@ import msgspec
 from projections.base import ProjectionError
 from service.events import ConversationDeleted, ConversationStarted, ConversationUpdated, MessageAppended
 from service.eventstore import RecordedEvent
+from service.settings import Settings
 
 PREVIEW_CHARS: Final = 200
 
@@ -49,9 +50,18 @@ _CONVERSATION_COLUMNS = (
 
 
 class ConversationsProjection:
+    """`search_config` is the text-search configuration of each message's `search` vector."""
+
     name = "conversations"
     tables: tuple[str, ...] = ("conversations", "messages")
     foreign_keys: tuple[tuple[str, str, str, str], ...] = (("messages", "conversation_id", "conversations", "CASCADE"),)
+
+    def __init__(self, *, search_config: str) -> None:
+        self.search_config = search_config
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConversationsProjection:
+        return cls(search_config=settings.search_config)
 
     async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent], names: Mapping[str, str]) -> None:
         conversations, messages = names["conversations"], names["messages"]
@@ -89,7 +99,7 @@ class ConversationsProjection:
             await conn.execute(_upsert(conversations), *_columns(live))
         kept = [m for m in new_messages if state[m[1]] is not None]
         if kept:
-            await conn.execute(_insert_messages(messages), *map(list, zip(*kept, strict=True)))
+            await conn.execute(_insert_messages(messages), *map(list, zip(*kept, strict=True)), self.search_config)
 
     async def _deleted_before(
         self,
@@ -210,8 +220,9 @@ def _upsert(table: str) -> str:
 
 def _insert_messages(table: str) -> str:
     return f"""
-    INSERT INTO {table} (id, conversation_id, user_id, seq, role, content, metadata, created_at, position)
-    SELECT id, conversation_id, user_id, seq, role, content, metadata::jsonb, created_at, position
+    INSERT INTO {table} (id, conversation_id, user_id, seq, role, content, metadata, created_at, position, search)
+    SELECT id, conversation_id, user_id, seq, role, content, metadata::jsonb, created_at, position,
+           to_tsvector($10::regconfig, content)
     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::integer[], $5::text[], $6::text[], $7::text[],
                 $8::timestamptz[], $9::bigint[])
          AS m(id, conversation_id, user_id, seq, role, content, metadata, created_at, position)

@@ -15,14 +15,16 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.response import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from projections import PROJECTIONS
+from projections import PROJECTIONS, select
 from projections.worker import ProjectionStatus, Worker, WorkerSettings, projection_status
+from service import mcp
 from service.api.chat import ROUTES as CHAT_ROUTES
 from service.api.chat import document_stream
 from service.api.cursors import Cursors
 from service.api.middleware import RequestMetrics, request_context
 from service.api.problems import EXCEPTION_HANDLERS
 from service.api.routes import DEPENDENCIES, ROUTES
+from service.api.search import ROUTES as SEARCH_ROUTES
 from service.assistants import make_assistant
 from service.auth import TokenVerifier, jwt_secret
 from service.chat import Chat
@@ -112,8 +114,11 @@ def create_app(settings: Settings) -> Litestar:
         app.state.pool, app.state.store = pool, store
         app.state.chat = Chat(settings, store, app.state.heads, make_assistant(settings))
         workers = start_workers(settings, store) if settings.run_workers else {}
+        tools = mcp.Tools(settings, pool, store, app.state.heads, app.state.cursors, mcp.http_user(app.state.verifier))
+        app.state.mcp = mcp.session_manager(mcp.build_server(tools))
         try:
-            yield
+            async with app.state.mcp.run():
+                yield
         finally:
             for worker, task in workers.items():
                 worker.stop()
@@ -123,7 +128,7 @@ def create_app(settings: Settings) -> Litestar:
             await pool.close()
 
     app = Litestar(
-        route_handlers=[healthz, readyz, metrics, *ROUTES, *CHAT_ROUTES],
+        route_handlers=[healthz, readyz, metrics, *ROUTES, *CHAT_ROUTES, *SEARCH_ROUTES, mcp.mount],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[request_context(request_metrics)],
@@ -177,7 +182,7 @@ def start_workers(settings: Settings, store: EventStore | None = None) -> dict[W
     """A worker task for every projection, woken by this process's own appends too."""
     assert settings.database_url
     workers: dict[Worker, asyncio.Task[None]] = {}
-    for projection in PROJECTIONS.values():
+    for projection in select(settings):
         worker = Worker(settings.database_url, projection, worker_settings(settings))
         if store is not None:
             store.on_append(worker.wake)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -52,7 +53,15 @@ class TokenVerifier:
     `alg: none` and every algorithm not configured are refused (PyJWT checks the header's `alg`
     against the allowed list before it verifies anything). JWKS keys are cached by PyJWT's
     client, refetched when a token names an unknown `kid`.
+
+    A client sends the same token with every request, and verifying it costs more than the rest
+    of an append's own work, so tokens that verified are remembered by their exact text, for at
+    most `remember_seconds` and never past their `exp`, up to `remember_tokens` of them (the
+    oldest go first). A token that fails is never remembered.
     """
+
+    remember_tokens = 4096
+    remember_seconds = 60.0
 
     def __init__(self, settings: Settings) -> None:
         self.issuer = settings.jwt_issuer
@@ -63,13 +72,29 @@ class TokenVerifier:
             else None
         )
         self._secret = None if self._jwks else jwt_secret(settings)
+        self._verified: dict[str, tuple[str, float]] = {}  # token -> (user, valid until)
+        self._lock = threading.Lock()  # verifying may run in threads (JWKS)
 
     @property
     def uses_network(self) -> bool:
         """Whether verifying may fetch keys (then it runs off the event loop)."""
         return self._jwks is not None
 
+    def remembered(self, token: str) -> str | None:
+        """The user of a token that verified recently and has not expired since, else None."""
+        hit = self._verified.get(token)
+        if hit is None:
+            return None
+        if time.time() < hit[1]:
+            return hit[0]
+        with self._lock:
+            self._verified.pop(token, None)
+        return None
+
     def user_id(self, token: str) -> str:
+        user = self.remembered(token)
+        if user is not None:
+            return user
         try:
             if self._jwks is not None:
                 key: object = self._jwks.get_signing_key_from_jwt(token).key
@@ -94,4 +119,9 @@ class TokenVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not 1 <= len(sub) <= 255 or "\x00" in sub:
             raise TokenError("the token's sub must be a string of 1 to 255 characters")
+        until = min(float(claims["exp"]), time.time() + self.remember_seconds)
+        with self._lock:
+            self._verified[token] = (sub, until)
+            while len(self._verified) > self.remember_tokens:
+                del self._verified[next(iter(self._verified))]
         return sub

@@ -52,9 +52,13 @@ def _exit_on_signals() -> None:
         signal.signal(sig, exit_now)
 
 
-def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
+SERVERS = ("granian", "uvicorn")
+DEFAULT_SERVER = "uvicorn"
 
+
+def cmd_serve(settings: Settings, args: argparse.Namespace, server: str = DEFAULT_SERVER) -> int:
+    """Migrate, then serve the app in one worker process under `server` (benchmarks/http.py
+    measures both)."""
     from service.app import create_app
 
     settings = settings.with_overrides(
@@ -66,15 +70,39 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings = resolve_database(settings)
     assert settings.database_url
     asyncio.run(_migrate(settings.database_url, "head"))
-    log.info("schema migrated; listening on http://%s:%d", settings.host, settings.port)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        lifespan="on",
-    )
+    log.info("schema migrated; listening on http://%s:%d (%s)", settings.host, settings.port, server)
+    if server == "granian":
+        from granian.constants import Interfaces
+        from granian.log import LogLevels
+        from granian.server import Server
+
+        # One worker process, forked after the embedded PostgreSQL has started: the app (and its
+        # lifespan: the pool, the projection workers) is built there. This process supervises it:
+        # SIGTERM or SIGINT stop the worker gracefully, then serve() returns and exit handlers run.
+        app_settings = settings
+        Server(
+            "service.app:create_app",  # a name for logs; the loader below builds the app
+            address=settings.host,
+            port=settings.port,
+            interface=Interfaces.ASGI,
+            workers=1,
+            websockets=False,
+            log_level=LogLevels(settings.log_level.lower()),
+            log_access=False,
+        ).serve(target_loader=lambda: create_app(app_settings), wrap_loader=False)
+    elif server == "uvicorn":
+        import uvicorn
+
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level.lower(),
+            access_log=False,
+            lifespan="on",
+        )
+    else:
+        raise ValueError(f"unknown server {server!r}: one of {', '.join(SERVERS)}")
     return 0
 
 
@@ -94,7 +122,7 @@ def _projections(settings: Settings, names: list[str]) -> tuple[list[Projection]
     """The named projections (all for none), and the settings with the database resolved."""
     from projections import select
 
-    projections = select(names)
+    projections = select(settings, names)
     settings = resolve_database(settings)
     assert settings.database_url
     return projections, settings, settings.database_url
@@ -179,6 +207,25 @@ async def _count_events(url: str) -> int:
         await conn.close()
 
 
+def cmd_mcp(settings: Settings, args: argparse.Namespace) -> int:
+    """The MCP server over stdio for one user. stdout is the protocol's: logs go to stderr."""
+    from service.events import EventValidationError
+    from service.eventstore import validate_user_id
+    from service.mcp import serve_stdio
+
+    try:
+        validate_user_id(args.user)
+    except EventValidationError as exc:
+        print(f"chatlog mcp: --user: {exc}", file=sys.stderr)
+        return 2
+    _exit_on_signals()
+    settings = resolve_database(settings.with_overrides(run_workers=not args.no_workers))
+    assert settings.database_url
+    asyncio.run(_migrate(settings.database_url, "head"))
+    asyncio.run(serve_stdio(settings, args.user))
+    return 0
+
+
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     from service.auth import jwt_secret, mint_token
 
@@ -223,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
     migrate.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION instead (e.g. base)")
     migrate.set_defaults(func=cmd_migrate)
+
+    mcp = sub.add_parser("mcp", help="serve the MCP tools over stdio for one user (for local agents)")
+    mcp.add_argument("--user", required=True, help="whose conversations the tools see (1-255 characters)")
+    mcp.add_argument("--no-workers", action="store_true", help="do not run the projection workers here")
+    mcp.set_defaults(func=cmd_mcp)
 
     token = sub.add_parser("token", help="print a development JWT for USER")
     token.add_argument("user", metavar="USER", help="the token's subject (1-255 characters)")

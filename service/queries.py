@@ -47,7 +47,7 @@ def _conversation(row: asyncpg.Record) -> schemas.Conversation:
     )
 
 
-def _message(row: asyncpg.Record) -> schemas.Message:
+def message_from_row(row: asyncpg.Record) -> schemas.Message:
     return schemas.Message(
         id=row[0],
         conversation_id=row[1],
@@ -149,7 +149,7 @@ async def list_messages(
         last_seq,
         limit + 1,
     )
-    page = [_message(r) for r in rows[:limit]]
+    page = [message_from_row(r) for r in rows[:limit]]
     return page, ([rows[limit - 1][2]] if len(rows) > limit else None)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import asyncpg
 import pytest
 
-from projections import PROJECTIONS
+from projections.conversations import ConversationsProjection
 from projections.replay import ReplayBusy, replay, verify
 from projections.worker import (
     ProjectionFailed,
@@ -30,7 +30,7 @@ from service.events import ConversationDeleted, ConversationStarted, Conversatio
 from service.eventstore import EventStore, RecordedEvent
 from service.ids import uuid7
 
-CONVERSATIONS = PROJECTIONS["conversations"]
+CONVERSATIONS = ConversationsProjection(search_config="simple")
 FAST = WorkerSettings(batch_size=100, poll_interval=0.05, standby_interval=0.1, reconnect_interval=0.1)
 
 
@@ -141,6 +141,66 @@ async def test_a_conversation_started_and_deleted_in_one_batch_never_appears(sto
     await catch_up(raw_dsn, batch_size=1000)
     assert await query(raw_dsn, "SELECT 1 FROM conversations") == []
     assert await query(raw_dsn, "SELECT 1 FROM messages") == []
+
+
+# --- search vectors --------------------------------------------------------------------
+
+
+async def matching(raw_dsn: str, words: str, config: str = "simple") -> list[str]:
+    rows = await query(
+        raw_dsn,
+        "SELECT content FROM messages WHERE search @@ websearch_to_tsquery($1::regconfig, $2) ORDER BY seq",
+        config,
+        words,
+    )
+    return [r[0] for r in rows]
+
+
+async def test_a_projected_message_is_found_by_a_word_in_it(store: EventStore, raw_dsn: str) -> None:
+    stream = uuid7()
+    await store.append("alice", stream, [ConversationStarted(title="animals")])
+    await store.append("alice", stream, [message("The quick brown Fox"), message("a lazy dog", role="assistant")])
+    await catch_up(raw_dsn)
+    assert await matching(raw_dsn, "fox") == ["The quick brown Fox"]
+    assert await matching(raw_dsn, "lazy dog") == ["a lazy dog"]
+    assert await matching(raw_dsn, "cat") == []
+
+
+async def test_replay_rebuilds_the_search_vectors_and_verify_finds_a_hand_edited_one(
+    store: EventStore, raw_dsn: str, db_url: str
+) -> None:
+    stream = uuid7()
+    await store.append("alice", stream, [ConversationStarted(title="animals")])
+    await store.append("alice", stream, [message("The quick brown Fox"), message("a lazy dog")])
+    await catch_up(raw_dsn)
+    await query(raw_dsn, "UPDATE messages SET search = to_tsvector('simple', 'tampered') WHERE seq = 1")
+    assert await matching(raw_dsn, "fox") == []
+    differences = await verify(db_url, CONVERSATIONS)
+    assert {(d.table, d.side) for d in differences} == {
+        ("messages", "only in the read table"),
+        ("messages", "only in a fresh fold"),
+    }
+    assert {d.row["search"] for d in differences} == {"'tampered':1", "'brown':3 'fox':4 'quick':2 'the':1"}
+    await replay(db_url, CONVERSATIONS)
+    assert await matching(raw_dsn, "fox") == ["The quick brown Fox"]
+    await assert_verified(db_url)
+
+
+async def test_the_configured_search_configuration_builds_the_vectors(
+    store: EventStore, raw_dsn: str, chatlog_env: dict[str, str]
+) -> None:
+    stream = uuid7()
+    await store.append("alice", stream, [ConversationStarted()])
+    await store.append("alice", stream, [message("the dogs were running")])
+    await catch_up(raw_dsn)
+    assert await matching(raw_dsn, "run", "english") == []  # 'simple' does not stem
+    english = chatlog_env | {"CHATLOG_SEARCH_CONFIG": "english"}
+    assert chatlog_cli(english, "verify").returncode == 1, "vectors of another configuration differ"
+    result = chatlog_cli(english, "replay")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert await matching(raw_dsn, "run", "english") == ["the dogs were running"]
+    assert chatlog_cli(english, "verify").returncode == 0
+    assert chatlog_cli(chatlog_env, "verify").returncode == 1
 
 
 # --- gap safety ------------------------------------------------------------------------
@@ -477,6 +537,7 @@ async def test_replay_under_load_swaps_in_tables_equal_to_the_incremental_ones(
         "messages_pkey",
         "messages_conversation_seq",
         "messages_user_created",
+        "messages_search",
     }
     fks = await query(
         raw_dsn,

@@ -101,14 +101,17 @@ def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes
     return problem(status, detail, headers=exc.headers)
 
 
-def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    log.error(
-        "unhandled error in %s %s (request %s)",
-        request.method,
-        request.url.path,
-        request.scope.get("state", {}).get("request_id"),
-        exc_info=exc,
-    )
+def _internal(request: Request[Any, Any, Any] | None, exc: Exception) -> Response[bytes]:
+    if request is None:
+        log.error("unhandled error in an MCP tool", exc_info=exc)
+    else:
+        log.error(
+            "unhandled error in %s %s (request %s)",
+            request.method,
+            request.url.path,
+            request.scope.get("state", {}).get("request_id"),
+            exc_info=exc,
+        )
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "an internal error occurred; it has been logged")
 
 
@@ -139,9 +142,9 @@ EXCEPTION_HANDLERS: Final[dict[int | type[Exception], Any]] = {
 }
 
 
-def answer_for(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+def answer_for(request: Request[Any, Any, Any] | None, exc: Exception) -> Response[bytes]:
     """The problem document for `exc`, for an error met where Litestar cannot translate it (in
-    the middle of a streamed answer): the handler of its nearest class above."""
+    the middle of a streamed answer, in an MCP tool: no request): the handler of its nearest class."""
     for cls in type(exc).__mro__:
         if (handler := EXCEPTION_HANDLERS.get(cls)) is not None:
             answer: Response[bytes] = handler(request, exc)

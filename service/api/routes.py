@@ -22,7 +22,7 @@ from service.api.cursors import Cursors
 from service.auth import TokenError, TokenVerifier
 from service.errors import BadRequest, Unauthorized
 from service.events import EventValidationError
-from service.eventstore import Checkpoint, EventStore, validate_idempotency_key
+from service.eventstore import Checkpoint, validate_idempotency_key
 
 _PROBLEM_DESCRIPTIONS = {
     401: "no valid bearer token (code unauthorized)",
@@ -52,7 +52,7 @@ def problems(*statuses: int) -> dict[int, ResponseSpec]:
 ConversationId = Annotated[str, PathParameter(description="a conversation id (UUID)", max_length=64)]
 
 
-def _uuid(value: str) -> uuid.UUID:
+def parse_uuid(value: str) -> uuid.UUID:
     """A malformed id is a validation error (422), not a missing route (404)."""
     try:
         return uuid.UUID(value)
@@ -88,33 +88,24 @@ async def provide_user(request: Request[Any, Any, State]) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("a bearer token is required (Authorization: Bearer <JWT>)")
     verifier: TokenVerifier = request.app.state.verifier
+    token = token.strip()
     try:
+        user = verifier.remembered(token)
+        if user is not None:
+            return user
         if verifier.uses_network:
-            return await asyncio.to_thread(verifier.user_id, token.strip())
-        return verifier.user_id(token.strip())
+            return await asyncio.to_thread(verifier.user_id, token)
+        return verifier.user_id(token)
     except TokenError as exc:
         raise Unauthorized(str(exc)) from exc
 
 
-def provide_store(state: State) -> EventStore:
-    store: EventStore = state.store
-    return store
-
-
-def provide_cursors(state: State) -> Cursors:
-    cursors: Cursors = state.cursors
-    return cursors
-
-
 User = NamedDependency[str]
-Store = NamedDependency[EventStore]
-CursorSigner = NamedDependency[Cursors]
 
-DEPENDENCIES = {
-    "user": Provide(provide_user),
-    "store": Provide(provide_store, sync_to_thread=False),
-    "cursors": Provide(provide_cursors, sync_to_thread=False),
-}
+# The user is the one dependency: Litestar resolves two or more of one level concurrently, in an
+# anyio task group of their own (two tasks, cancel scopes) on every request. The store and the
+# cursor signer are read from the app's state instead.
+DEPENDENCIES = {"user": Provide(provide_user)}
 
 
 BodyT = TypeVar("BodyT", bound=msgspec.Struct)
@@ -131,17 +122,20 @@ async def strict(request: Request[Any, Any, State], body: BodyT) -> BodyT:
 
 
 def idempotency(request: Request[Any, Any, State], key: str | None, body: msgspec.Struct) -> commands.Idempotency:
-    if key is not None:
-        try:
-            validate_idempotency_key(key)
-        except EventValidationError as exc:
-            raise BadRequest(str(exc), field="Idempotency-Key") from None
+    """The request's key and fingerprint; without a key there is nothing to recognise a retry by,
+    and no fingerprint (it is stored only with a key)."""
+    if key is None:
+        return commands.Idempotency(None, b"")
+    try:
+        validate_idempotency_key(key)
+    except EventValidationError as exc:
+        raise BadRequest(str(exc), field="Idempotency-Key") from None
     digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode())
     digest.update(msgspec.json.encode(body))
     return commands.Idempotency(key, digest.digest())
 
 
-async def _wait(state: State, min_position: int | None) -> None:
+async def wait(state: State, min_position: int | None) -> None:
     if min_position is not None:
         await queries.wait_for_position(state.pool, min_position, state.settings.read_wait_seconds)
 
@@ -161,12 +155,11 @@ async def create_conversation(
     request: Request[Any, Any, State],
     data: JSONBody[schemas.ConversationCreate],
     user: User,
-    store: Store,
     idempotency_key: IdempotencyKey = None,
 ) -> Response[schemas.Conversation]:
     data = await strict(request, data)
     conversation, replayed = await commands.create_conversation(
-        store, state.heads, user, data, idempotency(request, idempotency_key, data)
+        state.store, state.heads, user, data, idempotency(request, idempotency_key, data)
     )
     return _replayed(conversation, 201, replayed)
 
@@ -179,18 +172,17 @@ async def create_conversation(
 async def list_conversations(
     state: State,
     user: User,
-    cursors: CursorSigner,
     limit: Limit = 20,
     cursor: Cursor = None,
     order: Annotated[Literal["desc", "asc"], QueryParameter()] = "desc",
     min_position: MinPosition = None,
 ) -> schemas.Page[schemas.Conversation]:
-    await _wait(state, min_position)
+    await wait(state, min_position)
     scope = f"conversations:{order}"
-    after = cursors.decode(cursor, scope, user) if cursor is not None else None
+    after = state.cursors.decode(cursor, scope, user) if cursor is not None else None
     async with state.pool.acquire() as conn:
         page, next_after = await queries.list_conversations(conn, user, limit, order == "desc", after)
-    return _page(cursors, scope, user, page, next_after)
+    return page_of(state.cursors, scope, user, page, next_after)
 
 
 @get(
@@ -201,9 +193,9 @@ async def list_conversations(
 async def get_conversation(
     state: State, user: User, conversation_id: ConversationId, min_position: MinPosition = None
 ) -> schemas.Conversation:
-    await _wait(state, min_position)
+    await wait(state, min_position)
     async with state.pool.acquire() as conn:
-        return await queries.get_conversation(conn, user, _uuid(conversation_id))
+        return await queries.get_conversation(conn, user, parse_uuid(conversation_id))
 
 
 @patch(
@@ -216,11 +208,10 @@ async def update_conversation(
     request: Request[Any, Any, State],
     data: JSONBody[schemas.ConversationPatch],
     user: User,
-    store: Store,
     conversation_id: ConversationId,
 ) -> schemas.Conversation:
     data = await strict(request, data)
-    return await commands.update_conversation(store, state.heads, user, _uuid(conversation_id), data)
+    return await commands.update_conversation(state.store, state.heads, user, parse_uuid(conversation_id), data)
 
 
 @delete(
@@ -232,11 +223,10 @@ async def update_conversation(
 async def delete_conversation(
     state: State,
     user: User,
-    store: Store,
     conversation_id: ConversationId,
     expected_version: Annotated[int | None, QueryParameter(ge=0, le=2_147_483_647)] = None,
 ) -> None:
-    await commands.delete_conversation(store, state.heads, user, _uuid(conversation_id), expected_version)
+    await commands.delete_conversation(state.store, state.heads, user, parse_uuid(conversation_id), expected_version)
 
 
 @post(
@@ -250,13 +240,12 @@ async def append_message(
     request: Request[Any, Any, State],
     data: JSONBody[schemas.MessageCreate],
     user: User,
-    store: Store,
     conversation_id: ConversationId,
     idempotency_key: IdempotencyKey = None,
 ) -> Response[schemas.Message]:
     data = await strict(request, data)
     message, replayed = await commands.append_message(
-        store, state.heads, user, _uuid(conversation_id), data, idempotency(request, idempotency_key, data)
+        state.store, state.heads, user, parse_uuid(conversation_id), data, idempotency(request, idempotency_key, data)
     )
     return _replayed(message, 201, replayed)
 
@@ -269,20 +258,19 @@ async def append_message(
 async def list_messages(
     state: State,
     user: User,
-    cursors: CursorSigner,
     conversation_id: ConversationId,
     limit: Limit = 50,
     cursor: Cursor = None,
     order: Annotated[Literal["asc", "desc"], QueryParameter()] = "asc",
     min_position: MinPosition = None,
 ) -> schemas.Page[schemas.Message]:
-    await _wait(state, min_position)
-    cid = _uuid(conversation_id)
+    await wait(state, min_position)
+    cid = parse_uuid(conversation_id)
     scope = f"messages:{cid}:{order}"
-    after = cursors.decode(cursor, scope, user) if cursor is not None else None
+    after = state.cursors.decode(cursor, scope, user) if cursor is not None else None
     async with state.pool.acquire() as conn:
         page, next_after = await queries.list_messages(conn, user, cid, limit, order == "desc", after)
-    return _page(cursors, scope, user, page, next_after)
+    return page_of(state.cursors, scope, user, page, next_after)
 
 
 @get(
@@ -293,7 +281,6 @@ async def list_messages(
 async def list_events(
     state: State,
     user: User,
-    cursors: CursorSigner,
     after: Annotated[int | None, QueryParameter(ge=1, le=9_223_372_036_854_775_807)] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=100)] = 100,
     cursor: Cursor = None,
@@ -302,17 +289,17 @@ async def list_events(
         raise BadRequest("give either after or cursor, not both", field="after")
     async with state.pool.acquire() as conn:
         if cursor is not None:
-            tx_id, position = _pair(cursors.decode(cursor, "events", user))
+            tx_id, position = _pair(state.cursors.decode(cursor, "events", user))
             start = Checkpoint(tx_id, position)
         elif after is not None:
             start = await queries.checkpoint_after(conn, user, after)
         else:
             start = Checkpoint()
         page, next_after = await queries.list_events(conn, user, start, limit)
-    return _page(cursors, "events", user, page, [next_after.tx_id, next_after.position] if next_after else None)
+    return page_of(state.cursors, "events", user, page, [next_after.tx_id, next_after.position] if next_after else None)
 
 
-def _page(
+def page_of(
     cursors: Cursors, scope: str, user: str, items: list[PageItem], next_after: list[Any] | None
 ) -> schemas.Page[PageItem]:
     """A list answer; its cursor (when more follow) resumes after `next_after`, in `scope` only."""
