@@ -133,14 +133,17 @@ async def main() -> None:
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=5.0, help="wrk seconds per measurement")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--keep", action="store_true", help="keep the database (and reuse a kept one)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("benchmarks/search.py needs wrk: apt-get install wrk")
 
     server = os.environ.get("CHATLOG_DATABASE_URL") or embedded_url(Path(tempfile.mkdtemp(prefix="chatlog-bench-")))
     admin = await asyncpg.connect(libpq(server))
-    await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-    await admin.execute(f"CREATE DATABASE {DB}")
+    kept = args.keep and await admin.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", DB)
+    if not kept:
+        await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {DB}")
     db_url = make_url(server).set(database=DB).render_as_string(hide_password=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
     env |= {
@@ -152,10 +155,11 @@ async def main() -> None:
     subprocess.run([sys.executable, "-m", "service.cli", "migrate"], env=env, cwd=ROOT, check=True)
     proc = None
     try:
-        started = time.monotonic()
-        await generate(libpq(db_url), args.messages)
-        print(f"wrote {args.messages:,} messages ({USERS} users) to the log in {time.monotonic() - started:.0f} s; "
-              f"replay built the read tables in {run_replay(env):.0f} s")  # fmt: skip
+        if not kept:
+            started = time.monotonic()
+            await generate(libpq(db_url), args.messages)
+            print(f"wrote {args.messages:,} messages ({USERS} users) to the log in {time.monotonic() - started:.0f} s; "
+                  f"replay built the read tables in {run_replay(env):.0f} s")  # fmt: skip
         conn = await asyncpg.connect(libpq(db_url))
         mine = await conn.fetchval("SELECT count(*) FROM messages WHERE user_id = 'bench-0'")
         total = await conn.fetchval("SELECT count(*) FROM messages")
@@ -199,7 +203,8 @@ async def main() -> None:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
-        await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+        if not args.keep:
+            await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
         await admin.close()
 
 

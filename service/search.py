@@ -76,7 +76,11 @@ async def search_messages(
         args += _keyset(after)
         n = len(args)
         keyset = f"WHERE (rank, created_at, id) < (${n - 2}::real, ${n - 1}::timestamptz, ${n}::uuid)"
-    rows = await conn.fetch(_sql(filters, keyset), *args)
+    async with conn.transaction(readonly=True):
+        # A generic plan cannot know how common the words are; for a common word it would scan
+        # the text index across all users instead of the user's own rows.
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        rows = await conn.fetch(_sql(filters, keyset), *args)
     page = [
         SearchResult(message=message_from_row(r), conversation_title=r[9], snippet=_snippet(r[10]), rank=r[8])
         for r in rows[:limit]
