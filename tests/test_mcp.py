@@ -120,6 +120,12 @@ async def test_every_tool_over_each_transport(api: Api, transport: str) -> None:
         assert all("<mark>tent</mark>" in h["snippet"] and h["conversation_id"] == cid for h in hits["results"])
         only_first = await call(client, "search_messages", query="tent", limit=1)
         assert len(only_first["results"]) == 1 and only_first["next_cursor"]
+        assert only_first["results"][0]["seq"] == 3  # equal rank: the newer first
+        second = await call(client, "search_messages", query="tent", limit=1, cursor=only_first["next_cursor"])
+        assert [h["seq"] for h in second["results"]] == [1] and second["next_cursor"] is None
+        assert (await call(client, "search_messages", query="tent", role="assistant"))["results"] == []
+        here = await call(client, "search_messages", query="ferry", conversation_id=cid, role="user")
+        assert [h["seq"] for h in here["results"]] == [2]
 
         added = await call(client, "append_message", conversation_id=cid, content=f"via {transport}", role="user")
         assert added["seq"] == 4 and added["content"] == f"via {transport}"
