@@ -47,7 +47,7 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from projections import select
-from projections.replay import replay, verify
+from projections.replay import WRITERS, replay, verify
 from projections.worker import Worker, WorkerSettings
 from service.connections import connect_args
 from service.database import embedded_url, make_engine, migrate
@@ -146,7 +146,7 @@ async def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     elif args.phase == "replay":
         checkpoint = await replay(args.url, projection, batch_size=args.replay_batch)
         assert checkpoint.position == await last_event(conn), checkpoint
-        note = f"batch {args.replay_batch}"
+        note = f"batch {args.replay_batch}, {WRITERS} folding connections"
     else:
         differences = await verify(args.url, projection)
         note = f"{len(differences)} differences"

@@ -21,10 +21,13 @@ class ProjectionError(Exception):
 class Projection(Protocol):
     """A fold of events into read tables.
 
-    `tables` are the live table names, parents first. `apply` folds a batch (in log order) into
-    the tables named by `names` (live name -> the table to write: the live one, or a replay's
-    shadow), inside the caller's transaction. It must be a function of the events and the
-    tables alone, so that a replay into empty tables gives what incremental batches gave.
+    `tables` are the live table names, parents first, each with a primary key (verify pairs
+    rows by it). `apply` folds a batch (in log order) into the tables named by `names` (live
+    name -> the table to write: the live one, or a replay's shadow), inside the caller's
+    transaction. It must be a function of the events and the tables alone, so that a replay
+    into empty tables gives what incremental batches gave, and a user's rows must follow from
+    that user's events alone: a replay folds the events of different users on different
+    connections, each user's in log order.
     """
 
     name: str

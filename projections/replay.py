@@ -9,6 +9,10 @@ indexes and foreign keys) the live names, and moves the checkpoint. Readers see 
 until that commit. Interrupted before it, a replay leaves the live tables untouched; the next one
 starts its shadow tables afresh.
 
+The fold from the start is the bulk of the work: one connection reads while several fold the
+users' shares side by side (`_bulk_fold`), and the indexes that only serve readers are built once
+the rows are in (`Shadow`), before the swap pauses the worker.
+
 Verify folds into shadow tables up to the live checkpoint, then, holding the checkpoint row,
 compares every row both ways and drops them.
 """
@@ -21,7 +25,7 @@ import gc
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -35,11 +39,30 @@ from service.eventstore import Checkpoint, RecordedEvent, read_all
 REPLAY: Final = "__replay"
 VERIFY: Final = "__verify"
 
+MAINTENANCE_WORK_MEM: Final = "128MB"
+WRITERS: Final = 2  # connections that fold in parallel (see `_bulk_fold`)
+
 Progress = Callable[[int, float], None]
 
 
 class ReplayBusy(Exception):
     """Another replay or verify of this projection is running."""
+
+
+class Shadow(msgspec.Struct, frozen=True):
+    """A replay's or verify's tables (`names`: live name -> shadow name).
+
+    They are made without the indexes that only readers use, which the fold would otherwise
+    maintain row by row: a replay builds them (`deferred_indexes`, statements for the shadow
+    tables) once the fold is done, each in one sort; a verify never needs them. A verify's tables
+    are also unlogged: nothing of them has to survive a crash. A replay's are logged from the
+    start: unlogged ones made logged after the fold saved no time at 1M events (the rewrite,
+    which nothing else can overlap, cost about what their WAL costs while folding, where the
+    other connections keep working).
+    """
+
+    names: dict[str, str]
+    deferred_indexes: list[str]
 
 
 class Difference(msgspec.Struct, frozen=True):
@@ -48,28 +71,77 @@ class Difference(msgspec.Struct, frozen=True):
     row: dict[str, Any]
 
 
+@contextlib.asynccontextmanager
+async def _connections(url: str, purpose: str, count: int) -> AsyncIterator[list[asyncpg.Connection]]:
+    connections: list[asyncpg.Connection] = []
+    try:
+        for _ in range(count):
+            connections.append(await _connect(url, purpose))
+        yield connections
+    finally:
+        for conn in connections:
+            await conn.close()
+
+
 async def _connect(url: str, purpose: str) -> asyncpg.Connection:
-    return await asyncpg.connect(**connect_args(url), server_settings={"application_name": f"chatlog-{purpose}"})
+    return await asyncpg.connect(
+        **connect_args(url),
+        server_settings={
+            "application_name": f"chatlog-{purpose}",
+            # The shadow tables are nobody's until the swap, which alone is committed synchronously.
+            "synchronous_commit": "off",
+            # Plans of the fold's statements cached while the shadow tables were small would stay.
+            "plan_cache_mode": "force_custom_plan",
+            # For building the readers' indexes after the fold (per connection; the server's own).
+            "maintenance_work_mem": MAINTENANCE_WORK_MEM,
+        },
+    )
 
 
-async def _create_shadow(conn: asyncpg.Connection, projection: Projection, suffix: str) -> dict[str, str]:
-    """Empty tables like the live ones, without foreign keys yet (see `_add_foreign_keys`)."""
+async def _create_shadow(conn: asyncpg.Connection, projection: Projection, suffix: str, *, logged: bool) -> Shadow:
+    """Empty tables like the live ones, with their unique indexes only (see `Shadow`)."""
     names = {t: f"{t}{suffix}" for t in projection.tables}
+    deferred: list[str] = []
     async with conn.transaction():
         for table in reversed(projection.tables):
             await conn.execute(f"DROP TABLE IF EXISTS {names[table]} CASCADE")
         for table in projection.tables:
-            await conn.execute(f"CREATE TABLE {names[table]} (LIKE {table} INCLUDING ALL)")
-    return names
+            kind = "TABLE" if logged else "UNLOGGED TABLE"
+            await conn.execute(f"CREATE {kind} {names[table]} (LIKE {table} INCLUDING ALL)")
+            for name, definition in await conn.fetch(_READERS_INDEXES, names[table]):
+                await conn.execute(f'DROP INDEX "{name}"')
+                deferred.append(definition)
+    return Shadow(names, deferred)
 
 
-async def _add_foreign_keys(conn: asyncpg.Connection, projection: Projection, names: dict[str, str]) -> None:
-    """The live tables' foreign keys, on the built tables: checked once, in one join, instead of
-    a lookup per inserted row while folding (the fold deletes children itself, needing no cascade)."""
+# Indexes that only serve readers: neither unique (the fold relies on those to refuse what the
+# live tables would refuse, at the event that breaks them) nor behind a constraint.
+_READERS_INDEXES = """
+SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+WHERE i.indrelid = $1::regclass AND NOT i.indisunique
+  AND NOT EXISTS (SELECT FROM pg_constraint WHERE conindid = i.indexrelid)
+ORDER BY c.relname
+"""
+
+
+async def _complete(connections: Sequence[asyncpg.Connection], projection: Projection, shadow: Shadow) -> None:
+    """Give the folded shadow tables what the live ones have, before the worker is paused: the
+    readers' indexes (built side by side on the connections) and the foreign keys (checked once,
+    in one join, instead of a lookup per inserted row; the fold deletes children itself, needing
+    no cascade)."""
+    pending = iter(shadow.deferred_indexes)
+
+    async def build(conn: asyncpg.Connection) -> None:
+        for definition in pending:
+            await conn.execute(definition)
+
+    for outcome in await asyncio.gather(*(build(conn) for conn in connections), return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome  # once no build is running on any connection
     for child, column, parent, on_delete in projection.foreign_keys:
-        await conn.execute(
-            f"ALTER TABLE {names[child]} ADD FOREIGN KEY ({column}) "
-            f"REFERENCES {names[parent]} (id) ON DELETE {on_delete}"
+        await connections[0].execute(
+            f"ALTER TABLE {shadow.names[child]} ADD FOREIGN KEY ({column}) "
+            f"REFERENCES {shadow.names[parent]} (id) ON DELETE {on_delete}"
         )
 
 
@@ -78,53 +150,88 @@ async def _drop_shadow(conn: asyncpg.Connection, projection: Projection, suffix:
         await conn.execute(f"DROP TABLE IF EXISTS {table}{suffix} CASCADE")
 
 
-async def _fold(
+async def _bulk_fold(
     reader: asyncpg.Connection,
-    writer: asyncpg.Connection,
+    writers: Sequence[asyncpg.Connection],
+    projection: Projection,
+    names: dict[str, str],
+    *,
+    until: Checkpoint | None,
+    batch_size: int,
+    progress: Progress | None,
+) -> Checkpoint:
+    """Fold the log from its start (up to `until`, or as far as it is readable) into the shadow
+    tables `names`; returns where it stopped.
+
+    One connection reads the next batch while the writers fold the last one. Each writer folds
+    the events of its share of the users (by a hash of `user_id`), in log order, a batch in a
+    transaction of its own (the shadow tables are nobody else's). A projection's rows of one user
+    follow from that user's events alone (DESIGN.md: projections split by `user_id`), so the
+    shares need no order between them, and the server folds on as many cores as there are writers.
+    """
+    queues = [asyncio.Queue[list[RecordedEvent] | None](maxsize=1) for _ in writers]
+    checkpoint, applied, started = Checkpoint(), 0, time.monotonic()
+    # The first failure ends the fold, without cancelling a statement in flight: a cancel request
+    # can reach the server after its statement ended and cancel the connection's next one.
+    failures: list[Exception] = []
+
+    async def read() -> None:
+        nonlocal checkpoint
+        try:
+            while not failures and (events := await read_all(reader, checkpoint, batch_size)):
+                if until is not None and (events := [e for e in events if e.checkpoint <= until]) == []:
+                    break
+                checkpoint = events[-1].checkpoint
+                shares: list[list[RecordedEvent]] = [[] for _ in writers]
+                for e in events:
+                    shares[hash(e.user_id) % len(writers)].append(e)
+                for queue, share in zip(queues, shares, strict=True):
+                    if share:
+                        await queue.put(share)
+        except Exception as exc:
+            failures.append(exc)
+        finally:
+            for queue in queues:
+                await queue.put(None)
+
+    async def write(conn: asyncpg.Connection, queue: asyncio.Queue[list[RecordedEvent] | None]) -> None:
+        nonlocal applied
+        while (events := await queue.get()) is not None:
+            if failures:
+                continue  # only drain the queue, so that the reader never waits on it
+            try:
+                async with conn.transaction():
+                    await projection.apply(conn, events, names)
+            except Exception as exc:
+                failures.append(exc)
+                continue
+            applied += len(events)
+            if progress is not None:
+                progress(applied, time.monotonic() - started)
+
+    await asyncio.gather(read(), *(write(conn, queue) for conn, queue in zip(writers, queues, strict=True)))
+    if failures:
+        raise failures[0]
+    return checkpoint
+
+
+async def _fold_rest(
+    conn: asyncpg.Connection,
     projection: Projection,
     names: dict[str, str],
     after: Checkpoint,
     *,
     until: Checkpoint | None,
     batch_size: int,
-    progress: Progress | None,
-    in_transaction: bool = False,
 ) -> Checkpoint:
-    """Fold the log after `after` (up to `until`, or as far as it is readable) into `names`.
-
-    With two connections the next batch is read while the current one is written. Outside
-    `in_transaction`, each batch commits on its own (the shadow tables are nobody else's).
-    """
-    pipelined = reader is not writer
-    checkpoint, applied, started = after, 0, time.monotonic()
-
-    async def next_batch(ck: Checkpoint) -> list[RecordedEvent]:
-        events = await read_all(reader, ck, batch_size)
-        if until is not None:
-            events = [e for e in events if e.checkpoint <= until]
-        return events
-
-    pending = asyncio.ensure_future(next_batch(checkpoint))
-    try:
-        while events := await pending:
-            checkpoint = events[-1].checkpoint
-            if pipelined:
-                pending = asyncio.ensure_future(next_batch(checkpoint))
-            if in_transaction:
-                await projection.apply(writer, events, names)
-            else:
-                async with writer.transaction():
-                    await projection.apply(writer, events, names)
-            applied += len(events)
-            if progress is not None:
-                progress(applied, time.monotonic() - started)
-            if not pipelined:
-                pending = asyncio.ensure_future(next_batch(checkpoint))
-    finally:
-        if not pending.done():
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, asyncpg.PostgresError):
-                await pending
+    """Fold the log after `after` (up to `until`, or as far as it is readable) into `names`, in the
+    caller's transaction; returns where it stopped."""
+    checkpoint = after
+    while events := await read_all(conn, checkpoint, batch_size):
+        if until is not None and (events := [e for e in events if e.checkpoint <= until]) == []:
+            break
+        await projection.apply(conn, events, names)
+        checkpoint = events[-1].checkpoint
     return checkpoint
 
 
@@ -161,41 +268,44 @@ async def _exclusive(conn: asyncpg.Connection, name: str) -> Any:
 
 
 async def replay(
-    url: str, projection: Projection, *, batch_size: int = 5000, progress: Progress | None = None
+    url: str,
+    projection: Projection,
+    *,
+    batch_size: int = 5000,
+    progress: Progress | None = None,
+    writers: int = WRITERS,
 ) -> Checkpoint:
     """Rebuild `projection`'s tables from the log and swap them in; returns the new checkpoint."""
-    reader = await _connect(url, f"replay-{projection.name}")
-    writer = await _connect(url, f"replay-{projection.name}")
-    try:
-        async with _exclusive(writer, projection.name):
-            await ensure_checkpoint(writer, projection.name)
-            names = await _create_shadow(writer, projection, REPLAY)
-            with _fewer_collections():
-                checkpoint = await _fold(
-                    reader, writer, projection, names, Checkpoint(),
-                    until=None, batch_size=batch_size, progress=progress,
-                )  # fmt: skip
-            await _add_foreign_keys(writer, projection, names)  # before the worker is paused
-            async with writer.transaction():
-                await _locked_checkpoint(writer, projection.name)  # the live worker waits from here on
-                checkpoint = await _fold(
-                    writer, writer, projection, names, checkpoint,
-                    until=None, batch_size=batch_size, progress=None, in_transaction=True,
-                )  # fmt: skip
-                await _swap(writer, projection, names)
-                await writer.execute(
-                    "UPDATE projection_checkpoints SET tx_id = $2::xid8, position = $3, updated_at = now(), "
-                    "error = NULL, failed_position = NULL WHERE name = $1",
-                    projection.name,
-                    checkpoint.tx_id,
-                    checkpoint.position,
-                )
-            return checkpoint
-    finally:
-        with contextlib.suppress(Exception):
-            await _drop_shadow(writer, projection, REPLAY)  # left only by an interrupted replay
-        await reader.close()
-        await writer.close()
+    async with _connections(url, f"replay-{projection.name}", 1 + writers) as (reader, *folders):
+        main = folders[0]
+        async with _exclusive(main, projection.name):
+            try:
+                await ensure_checkpoint(main, projection.name)
+                shadow = await _create_shadow(main, projection, REPLAY, logged=True)
+                with _fewer_collections():
+                    checkpoint = await _bulk_fold(
+                        reader, folders, projection, shadow.names,
+                        until=None, batch_size=batch_size, progress=progress,
+                    )  # fmt: skip
+                await _complete([*folders, reader], projection, shadow)  # before the worker is paused
+                async with main.transaction():
+                    await main.execute("SET LOCAL synchronous_commit = on")  # this commit is the replay's result
+                    await _locked_checkpoint(main, projection.name)  # the live worker waits from here on
+                    checkpoint = await _fold_rest(
+                        main, projection, shadow.names, checkpoint, until=None, batch_size=batch_size
+                    )
+                    await _swap(main, projection, shadow.names)
+                    await main.execute(
+                        "UPDATE projection_checkpoints SET tx_id = $2::xid8, position = $3, updated_at = now(), "
+                        "error = NULL, failed_position = NULL WHERE name = $1",
+                        projection.name,
+                        checkpoint.tx_id,
+                        checkpoint.position,
+                    )
+                return checkpoint
+            finally:
+                with contextlib.suppress(Exception):
+                    await _drop_shadow(main, projection, REPLAY)  # left only by an interrupted replay
 
 
 _INDEX_HEAD = re.compile(r"INDEX \S+ ON \S+")
@@ -242,58 +352,76 @@ async def _swap(conn: asyncpg.Connection, projection: Projection, names: dict[st
                 await conn.execute(f'ALTER TABLE {table} RENAME CONSTRAINT "{name}" TO "{target}"')
 
 
-async def verify(url: str, projection: Projection, *, batch_size: int = 5000, limit: int = 100) -> list[Difference]:
+async def verify(
+    url: str, projection: Projection, *, batch_size: int = 5000, limit: int = 100, writers: int = WRITERS
+) -> list[Difference]:
     """Every row in which the read tables differ from a fresh fold of the log (at most `limit`)."""
-    reader = await _connect(url, f"verify-{projection.name}")
-    writer = await _connect(url, f"verify-{projection.name}")
-    try:
-        async with _exclusive(writer, projection.name):
-            await ensure_checkpoint(writer, projection.name)
-            row = await writer.fetchrow(
+    async with _connections(url, f"verify-{projection.name}", 1 + writers) as (reader, *folders):
+        main = folders[0]
+        async with _exclusive(main, projection.name):
+            await ensure_checkpoint(main, projection.name)
+            row = await main.fetchrow(
                 "SELECT tx_id, position, error, failed_position FROM projection_checkpoints WHERE name = $1",
                 projection.name,
             )
             assert row is not None
             if row["error"] is not None:
                 raise ProjectionFailed(projection.name, row["failed_position"], row["error"])
-            names = await _create_shadow(writer, projection, VERIFY)
+            names = (await _create_shadow(main, projection, VERIFY, logged=False)).names
             try:
                 with _fewer_collections():
-                    done = await _fold(
-                        reader, writer, projection, names, Checkpoint(),
+                    done = await _bulk_fold(
+                        reader, folders, projection, names,
                         until=Checkpoint(int(row["tx_id"]), row["position"]), batch_size=batch_size, progress=None,
                     )  # fmt: skip
-                async with writer.transaction():
-                    live = await _locked_checkpoint(writer, projection.name)
-                    await _fold(
-                        writer, writer, projection, names, done,
-                        until=live, batch_size=batch_size, progress=None, in_transaction=True,
-                    )  # fmt: skip
-                    return await _differences(writer, projection, names, limit)
+                for shadow in names.values():  # statistics for the comparison's join plan
+                    await main.execute(f"ANALYZE {shadow}")
+                async with main.transaction():
+                    live = await _locked_checkpoint(main, projection.name)
+                    await _fold_rest(main, projection, names, done, until=live, batch_size=batch_size)
+                    return await _differences(main, projection, names, limit)
             finally:
-                await _drop_shadow(writer, projection, VERIFY)
-    finally:
-        await reader.close()
-        await writer.close()
+                await _drop_shadow(main, projection, VERIFY)
 
 
 async def _differences(
     conn: asyncpg.Connection, projection: Projection, names: dict[str, str], limit: int
 ) -> list[Difference]:
+    """Rows of the read tables and of the fresh fold that the other side lacks or has otherwise.
+
+    Rows are paired by primary key in one join (both sides are indexed on it), instead of two
+    set differences that each sort both tables whole.
+    """
     found: list[Difference] = []
     for table in projection.tables:
         shadow = names[table]
-        for side, first, second in (
-            ("only in the read table", table, shadow),
-            ("only in a fresh fold", shadow, table),
-        ):
-            rows = await conn.fetch(
-                f"SELECT * FROM (TABLE {first} EXCEPT ALL TABLE {second}) AS d LIMIT $1", limit - len(found)
-            )
-            found += [Difference(table, side, {k: _plain(v) for k, v in r.items()}) for r in rows]
-            if len(found) >= limit:
-                return found
+        key: list[str] | None = await conn.fetchval(_PRIMARY_KEY, table)
+        assert key, f"{table} has no primary key to pair its rows by"
+        on = " AND ".join(f"l.{column} = f.{column}" for column in key)
+        rows = await conn.fetch(
+            f"SELECT l.*, f.* FROM {table} AS l FULL JOIN {shadow} AS f ON {on} "
+            "WHERE ROW(l.*) IS DISTINCT FROM ROW(f.*) LIMIT $1",
+            limit - len(found),
+        )
+        for r in rows:
+            values = tuple(r)
+            width = len(values) // 2
+            columns = list(r.keys())[:width]
+            at = [columns.index(column) for column in key]
+            for side, row in (("only in the read table", values[:width]), ("only in a fresh fold", values[width:])):
+                if any(row[i] is not None for i in at):  # not the missing side of the join
+                    found.append(Difference(table, side, {c: _plain(v) for c, v in zip(columns, row, strict=True)}))
+        if len(found) >= limit:
+            return found[:limit]
     return found
+
+
+_PRIMARY_KEY = """
+SELECT array_agg(a.attname ORDER BY k.n) FROM pg_index i
+CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = $1::regclass AND i.indisprimary
+"""
 
 
 def _plain(value: Any) -> Any:

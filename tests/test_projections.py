@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import asyncpg
 import pytest
 
+from projections.base import ProjectionError
 from projections.conversations import ConversationsProjection
 from projections.replay import ReplayBusy, replay, verify
 from projections.worker import (
@@ -27,7 +28,7 @@ from projections.worker import (
 )
 from service import eventstore
 from service.events import ConversationDeleted, ConversationStarted, ConversationUpdated, MessageAppended
-from service.eventstore import EventStore, RecordedEvent
+from service.eventstore import Checkpoint, EventStore, RecordedEvent
 from service.ids import uuid7
 
 CONVERSATIONS = ConversationsProjection(search_config="simple")
@@ -570,7 +571,7 @@ async def test_replay_clears_a_failure_once_the_tables_can_be_rebuilt(
         await conn.close()
 
 
-async def test_only_one_replay_runs_at_a_time(store: EventStore, db_url: str) -> None:
+async def test_only_one_replay_runs_at_a_time(store: EventStore, db_url: str, raw_dsn: str) -> None:
     for i in range(20):
         await conversation_with_messages(store, "alice", 5, f"c{i}")
     results = await asyncio.gather(
@@ -578,8 +579,27 @@ async def test_only_one_replay_runs_at_a_time(store: EventStore, db_url: str) ->
         replay(db_url, CONVERSATIONS, batch_size=10),
         return_exceptions=True,
     )
-    assert sum(isinstance(r, ReplayBusy) for r in results) == 1
+    assert sorted(type(r) is ReplayBusy for r in results) == [False, True], results
+    assert any(isinstance(r, Checkpoint) for r in results), "the other replay must finish, not fail"
     await assert_verified(db_url)
+    assert await query(raw_dsn, "SELECT 1 FROM pg_tables WHERE tablename LIKE '%\\_\\_%'") == []
+
+
+async def test_a_replay_that_fails_leaves_the_live_tables_and_no_shadow_tables(
+    store: EventStore, db_url: str, raw_dsn: str
+) -> None:
+    for i in range(20):
+        await conversation_with_messages(store, f"u{i}", 3, f"c{i}")  # users on every folding connection
+    await catch_up(raw_dsn)
+    orphan = await store.append("u3", uuid7(), [message("no conversation")])
+    for i in range(20):
+        await conversation_with_messages(store, f"u{i}", 3, f"later{i}")
+    before = await query(raw_dsn, "SELECT count(*) FROM messages")
+    with pytest.raises(ProjectionError) as failed:
+        await replay(db_url, CONVERSATIONS, batch_size=7)
+    assert failed.value.position == orphan.position
+    assert await query(raw_dsn, "SELECT count(*) FROM messages") == before
+    assert await query(raw_dsn, "SELECT 1 FROM pg_tables WHERE tablename LIKE '%\\_\\_%'") == []
 
 
 def chatlog_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
