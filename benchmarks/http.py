@@ -1,17 +1,28 @@
 """HTTP throughput and history latency of `chatlog serve`, next to a naive endpoint, in one run.
 
     python benchmarks/http.py [--seconds 10] [--rounds 2] [--messages 1000000] [--skip-history]
+                              [--server uvicorn|granian|both] [--projector in-process|separate]
+                              [--profile DIR]
 
 Needs `wrk` (Debian: apt-get install wrk). Uses CHATLOG_DATABASE_URL when set, else an embedded
 PostgreSQL in a temporary directory; works in a fresh database `chatlog_bench_http`.
 
-1. Appends: one `chatlog serve` process (one uvicorn worker, the projection worker in-process)
-   takes POST /v1/conversations/{id}/messages from wrk at concurrency 32 (256 conversations,
-   round robin); in the same run, rounds alternating, `benchmarks/naive_app.py` (Litestar +
-   asyncpg, one INSERT per request, same server, one worker) takes the same load.
+1. Appends: `chatlog serve` (one worker process, the projection worker in-process unless
+   `--projector separate`) takes POST /v1/conversations/{id}/messages from wrk at concurrency 32
+   (256 conversations, round robin), under each ASGI server asked for (`--server`, default both:
+   the figures behind `chatlog serve`'s choice). In the same run, rounds alternating,
+   `benchmarks/naive_app.py` (Litestar + asyncpg, one INSERT per request, one worker) takes the
+   same load under the same server; each ratio compares the two under one server. The chatlog
+   server is started afresh for each measurement (so that the measured process is the one
+   running the projection worker) and warmed up for a second first, as is the naive one.
 2. History: N messages (default 1,000,000, in conversations of 100) are written to the log,
    the projection catches up, then wrk at concurrency 1 reads 50-message pages
-   (GET /v1/conversations/{id}/messages?limit=50) and reports p50 and p99.
+   (GET /v1/conversations/{id}/messages?limit=50) of `chatlog serve` (its default server) and
+   reports p50 and p99.
+
+`--profile DIR` runs cProfile in each chatlog server process from its startup to its shutdown
+and writes DIR/chatlog-SERVER-N.prof (`python -m pstats FILE`); the figures are then not
+comparable with unprofiled runs.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import re
 import shutil
@@ -61,6 +73,64 @@ def free_port() -> int:
 
 def token(user: str) -> str:
     return jwt.encode({"sub": user, "exp": int(time.time()) + 86400}, SECRET, algorithm="HS256")
+
+
+SERVERS = ("uvicorn", "granian")
+SERVED = "uvicorn"  # what `chatlog serve` runs
+
+# `chatlog serve` under a given ASGI server (argv: SERVER PROFILE_FILE|"" serve [options]): under
+# uvicorn exactly `chatlog serve`; under granian the same settings, migration and app, in one
+# granian worker process (forked after the migration, so the app and its lifespan run there).
+SERVE = """
+import cProfile, logging, sys
+from service import app as app_module, cli
+from service.settings import Settings
+
+server, profile, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+if profile:
+    build = app_module.create_app
+
+    def create_app(settings):
+        app = build(settings)
+        profiler = cProfile.Profile()
+        app.on_startup.append(lambda app: profiler.enable())
+        app.on_shutdown.append(lambda app: (profiler.disable(), profiler.dump_stats(profile)))
+        return app
+
+    app_module.create_app = create_app
+settings = Settings.from_env()
+logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+args = cli.build_parser().parse_args(argv)
+if server == "uvicorn":
+    sys.exit(cli.cmd_serve(settings, args))
+from granian.constants import Interfaces
+from granian.log import LogLevels
+from granian.server import Server
+
+settings = cli.serve_settings(settings, args)
+Server("chatlog", address=settings.host, port=settings.port, interface=Interfaces.ASGI, workers=1, websockets=False,
+       log_level=LogLevels(settings.log_level.lower()), log_access=False,
+       ).serve(target_loader=lambda: cli.serving_app(settings), wrap_loader=False)
+"""
+
+
+def naive_command(server: str, port: int) -> list[str]:
+    if server == "uvicorn":
+        return [sys.executable, "-m", "uvicorn", "benchmarks.naive_app:app", "--port", str(port),
+                "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    return [sys.executable, "-m", "granian", "--interface", "asgi", "--port", str(port), "--workers", "1",
+            "--no-ws", "--log-level", "warning", "benchmarks.naive_app:app"]  # fmt: skip
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise SystemExit(f"{proc.args} did not stop within 30 s of SIGTERM") from None
+    if proc.returncode != 0:
+        raise SystemExit(f"{proc.args} exited with {proc.returncode} after SIGTERM")
 
 
 def start(cmd: list[str], env: dict[str, str], health: str) -> subprocess.Popen[bytes]:
@@ -169,15 +239,26 @@ async def main() -> None:
         default="in-process",
         help="run the projection worker inside the API process (default) or as `chatlog project` beside it",
     )
+    parser.add_argument(
+        "--server",
+        choices=[*SERVERS, "both"],
+        default="both",
+        help="the ASGI server(s) to measure chatlog and the naive endpoint under (default both; "
+        "`chatlog serve` uses uvicorn; granian needs `pip install granian`)",
+    )
+    parser.add_argument("--profile", metavar="DIR", type=Path, help="write a cProfile of each chatlog server here")
     args = parser.parse_args()
+    servers = list(SERVERS) if args.server == "both" else [args.server]
     if shutil.which("wrk") is None:
         raise SystemExit("benchmarks/http.py needs wrk: apt-get install wrk")
+    if "granian" in servers and importlib.util.find_spec("granian") is None:
+        raise SystemExit("measuring granian needs it installed (pip install granian), or pass --server uvicorn")
 
-    server = os.environ.get("CHATLOG_DATABASE_URL") or embedded_url(Path(tempfile.mkdtemp(prefix="chatlog-bench-")))
-    admin = await asyncpg.connect(libpq(server))
+    cluster = os.environ.get("CHATLOG_DATABASE_URL") or embedded_url(Path(tempfile.mkdtemp(prefix="chatlog-bench-")))
+    admin = await asyncpg.connect(libpq(cluster))
     await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     await admin.execute(f"CREATE DATABASE {DB}")
-    db_url = make_url(server).set(database=DB).render_as_string(hide_password=False)
+    db_url = make_url(cluster).set(database=DB).render_as_string(hide_password=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
     env |= {
         "CHATLOG_DATABASE_URL": db_url,
@@ -186,49 +267,81 @@ async def main() -> None:
         "CHATLOG_DATA_DIR": tempfile.mkdtemp(prefix="chatlog-bench-data-"),
         "NAIVE_DSN": libpq(db_url),
     }
-    port, naive_port = free_port(), free_port()
-    base, naive = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{naive_port}"
-    serve = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
-    if args.projector == "separate":
-        serve.append("--no-workers")
-    procs = [
-        start(serve, env, f"{base}/healthz"),
-        start(
-            [sys.executable, "-m", "uvicorn", "benchmarks.naive_app:app", "--port", str(naive_port),
-             "--log-level", "warning", "--no-access-log"],
-            env,
-            f"{naive}/",
-        ),
-    ]  # fmt: skip
-    if args.projector == "separate":
-        procs.append(start([sys.executable, "-m", "service.cli", "project"], env, f"{base}/healthz"))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    naive = {server: f"http://127.0.0.1:{free_port()}" for server in servers}
+    runs = 0
+
+    def serve(server: str) -> subprocess.Popen[bytes]:
+        nonlocal runs
+        runs += 1
+        profile = ""
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            profile = str((args.profile / f"chatlog-{server}-{runs}.prof").resolve())
+        command = [sys.executable, "-c", SERVE, server, profile, "serve", "--port", str(port)]
+        if args.projector == "separate":
+            command.append("--no-workers")
+        return start(command, env, f"{base}/healthz")
+
+    procs = [start(naive_command(server, int(url.rsplit(":", 1)[1])), env, f"{url}/") for server, url in naive.items()]
+    chatlog: subprocess.Popen[bytes] | None = None
     try:
         conn = await asyncpg.connect(libpq(db_url))
         print(f"PostgreSQL {await conn.fetchval('SHOW server_version')}, {os.cpu_count()} cores, "
-              f"wrk {args.seconds:g} s per measurement, projection worker {args.projector}")  # fmt: skip
+              f"wrk {args.seconds:g} s per measurement, projection worker {args.projector}, "
+              f"servers {', '.join(servers)}" + (" (PROFILED)" if args.profile else ""))  # fmt: skip
         await conn.close()
         headers = {"Authorization": f"Bearer {token('bench-writer')}", "Content-Type": "application/json"}
+        chatlog = serve(SERVED)  # migrates the database
+        if args.projector == "separate":
+            procs.append(start([sys.executable, "-m", "service.cli", "project"], env, f"{base}/healthz"))
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
             ids = [
                 (await client.post("/v1/conversations", json={"title": f"c{i}"}, headers=headers)).json()["id"]
                 for i in range(256)
             ]
+        stop(chatlog)
+        chatlog = None
         body = '{"role": "user", "content": "' + "benchmark message " * 8 + '"}'
         ours = rotating("POST", [f"/v1/conversations/{i}/messages" for i in ids], headers, body)
         theirs = rotating("POST", [f"/naive/{i}/messages" for i in ids], {"Content-Type": "application/json"}, body)
-        results: dict[str, list[dict[str, float]]] = {"chatlog": [], "naive": []}
+        for url in naive.values():
+            wrk(url, theirs, connections=32, seconds=1)  # warm-up
+        results: dict[str, list[dict[str, float]]] = {}
         for _ in range(args.rounds):
-            results["naive"].append(wrk(naive, theirs, connections=32, seconds=args.seconds))
-            results["chatlog"].append(wrk(base, ours, connections=32, seconds=args.seconds))
-        c = statistics.median(r["rps"] for r in results["chatlog"])
-        n = statistics.median(r["rps"] for r in results["naive"])
+            for server in servers:
+                results.setdefault(f"naive {server}", []).append(wrk(naive[server], theirs, connections=32,
+                                                                     seconds=args.seconds))  # fmt: skip
+                chatlog = serve(server)
+                wrk(base, ours, connections=32, seconds=1)  # warm-up: connections, remembered heads
+                results.setdefault(f"chatlog {server}", []).append(wrk(base, ours, connections=32,
+                                                                       seconds=args.seconds))  # fmt: skip
+                stop(chatlog)
+                chatlog = None
+        rps = {name: statistics.median(r["rps"] for r in rs) for name, rs in results.items()}
         errors = sum(r["errors"] for rs in results.values() for r in rs)
-        print(f"\nappend, concurrency 32: chatlog {c:,.0f} req/s, naive {n:,.0f} req/s, ratio {c / n:.2f} "
-              f"(target >= 0.80); non-2xx answers: {errors:.0f}")  # fmt: skip
+        print(f"\nappend, concurrency 32 (medians of {args.rounds} rounds; non-2xx answers: {errors:.0f}):")
+        for server in servers:
+            c, n = rps[f"chatlog {server}"], rps[f"naive {server}"]
+            # Each round measures the two back to back, so their ratio is the least disturbed by
+            # whatever else the machine does; the median of those is printed beside the other.
+            pairs = zip(results[f"chatlog {server}"], results[f"naive {server}"], strict=True)
+            paired = statistics.median(ours["rps"] / theirs["rps"] for ours, theirs in pairs)
+            mark = "  <- chatlog serve" if server == SERVED else ""
+            print(f"  {server:>8}: chatlog {c:,.0f} req/s, naive {n:,.0f} req/s, ratio {c / n:.2f}, "
+                  f"median of the rounds' ratios {paired:.2f} (target >= 0.80){mark}")  # fmt: skip
+        if len(servers) > 1:
+            best = max(servers, key=lambda server: rps[f"naive {server}"])
+            print(f"  chatlog serve ({SERVED}) against the faster naive ({best}): "
+                  f"ratio {rps[f'chatlog {SERVED}'] / rps[f'naive {best}']:.2f}")  # fmt: skip
         for name, rs in results.items():
-            print(f"  {name:>8} rounds: " + ", ".join(f"{r['rps']:,.0f} (p99 {r.get('p99_ms', 0):.1f} ms)" for r in rs))
+            print(
+                f"  {name:>16} rounds: " + ", ".join(f"{r['rps']:,.0f} (p99 {r.get('p99_ms', 0):.1f} ms)" for r in rs)
+            )
 
         if not args.skip_history:
+            chatlog = serve(SERVED)
             started = time.monotonic()
             conversations = await generate_history(libpq(db_url), args.messages)
             print(f"\nhistory: wrote {args.messages:,} messages in {time.monotonic() - started:.0f} s; ", end="")
@@ -242,7 +355,7 @@ async def main() -> None:
                   f"(target p99 <= 5 ms); {statistics.median(r['rps'] for r in rounds):,.0f} pages/s; "
                   f"non-2xx answers: {sum(r['errors'] for r in rounds):.0f}")  # fmt: skip
     finally:
-        for proc in procs:
+        for proc in [*procs, *([chatlog] if chatlog else [])]:
             proc.terminate()
             proc.wait(timeout=30)
         await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")

@@ -131,7 +131,6 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[healthz, readyz, metrics, *ROUTES, *CHAT_ROUTES, *SEARCH_ROUTES, mcp.mount],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[request_context(request_metrics)],
         lifespan=[lifespan],
         on_startup=[_problem_documents_only, document_stream],
         request_max_body_size=settings.max_body_bytes,
@@ -160,6 +159,10 @@ def create_app(settings: Settings) -> Litestar:
             }
         ),
     )
+    # Around the router, not as route middleware: every answer gets a request id and is counted,
+    # a 404 for an unknown path or a 405 too, and a route is not wrapped in a second exception
+    # handler layer (Litestar adds one under any route middleware).
+    app.asgi_handler = request_context(request_metrics)(app.asgi_handler)
     return app
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING
 from service.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
+    from litestar import Litestar
+
     from projections.base import Projection
 
 log = logging.getLogger("chatlog")
@@ -52,15 +55,17 @@ def _exit_on_signals() -> None:
         signal.signal(sig, exit_now)
 
 
-SERVERS = ("granian", "uvicorn")
-DEFAULT_SERVER = "uvicorn"
+def _freeze_startup_heap() -> None:
+    """Keep what startup built (routes, the OpenAPI document, pools: hundreds of thousands of
+    objects) out of the garbage collector's full passes. Without this each full pass walks them
+    all, ~120 ms on the reference machine, every few seconds under load, stalling every request
+    in flight (it was the append benchmark's p99)."""
+    gc.collect()
+    gc.freeze()
 
 
-def cmd_serve(settings: Settings, args: argparse.Namespace, server: str = DEFAULT_SERVER) -> int:
-    """Migrate, then serve the app in one worker process under `server` (benchmarks/http.py
-    measures both)."""
-    from service.app import create_app
-
+def serve_settings(settings: Settings, args: argparse.Namespace) -> Settings:
+    """`serve`'s settings with its options applied and the database resolved and migrated."""
     settings = settings.with_overrides(
         host=args.host or settings.host,
         port=args.port if args.port is not None else settings.port,
@@ -70,39 +75,33 @@ def cmd_serve(settings: Settings, args: argparse.Namespace, server: str = DEFAUL
     settings = resolve_database(settings)
     assert settings.database_url
     asyncio.run(_migrate(settings.database_url, "head"))
-    log.info("schema migrated; listening on http://%s:%d (%s)", settings.host, settings.port, server)
-    if server == "granian":
-        from granian.constants import Interfaces
-        from granian.log import LogLevels
-        from granian.server import Server
+    log.info("schema migrated; listening on http://%s:%d", settings.host, settings.port)
+    return settings
 
-        # One worker process, forked after the embedded PostgreSQL has started: the app (and its
-        # lifespan: the pool, the projection workers) is built there. This process supervises it:
-        # SIGTERM or SIGINT stop the worker gracefully, then serve() returns and exit handlers run.
-        app_settings = settings
-        Server(
-            "service.app:create_app",  # a name for logs; the loader below builds the app
-            address=settings.host,
-            port=settings.port,
-            interface=Interfaces.ASGI,
-            workers=1,
-            websockets=False,
-            log_level=LogLevels(settings.log_level.lower()),
-            log_access=False,
-        ).serve(target_loader=lambda: create_app(app_settings), wrap_loader=False)
-    elif server == "uvicorn":
-        import uvicorn
 
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level.lower(),
-            access_log=False,
-            lifespan="on",
-        )
-    else:
-        raise ValueError(f"unknown server {server!r}: one of {', '.join(SERVERS)}")
+def serving_app(settings: Settings) -> Litestar:
+    """The app as `serve` runs it."""
+    from service.app import create_app
+
+    app = create_app(settings)
+    app.on_startup.append(_freeze_startup_heap)
+    return app
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    """Migrate, then serve in one uvicorn worker (with httptools; on the reference machine it
+    answered more requests/s than granian, see benchmarks/http.py)."""
+    import uvicorn
+
+    settings = serve_settings(settings, args)
+    uvicorn.run(
+        serving_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        lifespan="on",
+    )
     return 0
 
 

@@ -19,7 +19,8 @@ Timestamp = Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"
 
 
 def timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is a third cheaper than strftime, and this runs for every item of every answer.
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 class ConversationCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
