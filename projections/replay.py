@@ -126,9 +126,9 @@ ORDER BY c.relname
 
 async def _complete(connections: Sequence[asyncpg.Connection], projection: Projection, shadow: Shadow) -> None:
     """Give the folded shadow tables what the live ones have, before the worker is paused: the
-    readers' indexes (built side by side on the connections) and the foreign keys (checked once,
+    readers' indexes (built side by side on the connections), the foreign keys (checked once,
     in one join, instead of a lookup per inserted row; the fold deletes children itself, needing
-    no cascade)."""
+    no cascade) and the planner's statistics."""
     pending = iter(shadow.deferred_indexes)
 
     async def build(conn: asyncpg.Connection) -> None:
@@ -143,6 +143,11 @@ async def _complete(connections: Sequence[asyncpg.Connection], projection: Proje
             f"ALTER TABLE {shadow.names[child]} ADD FOREIGN KEY ({column}) "
             f"REFERENCES {shadow.names[parent]} (id) ON DELETE {on_delete}"
         )
+    # Statistics too: swapped in without them, the tables would be planned on default estimates
+    # (a search for a common word scanning the text index across all users) until autovacuum
+    # got round to them.
+    for table in shadow.names.values():
+        await connections[0].execute(f"ANALYZE {table}")
 
 
 async def _drop_shadow(conn: asyncpg.Connection, projection: Projection, suffix: str) -> None:

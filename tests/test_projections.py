@@ -185,6 +185,15 @@ async def test_replay_rebuilds_the_search_vectors_and_verify_finds_a_hand_edited
     await replay(db_url, CONVERSATIONS)
     assert await matching(raw_dsn, "fox") == ["The quick brown Fox"]
     await assert_verified(db_url)
+    conn = await asyncpg.connect(raw_dsn)
+    try:  # the swapped-in tables come with planner statistics
+        analyzed = await conn.fetch(
+            "SELECT relname FROM pg_stat_user_tables WHERE relname IN ('conversations', 'messages') "
+            "AND last_analyze IS NOT NULL"
+        )
+    finally:
+        await conn.close()
+    assert {r[0] for r in analyzed} == {"conversations", "messages"}
 
 
 async def test_the_configured_search_configuration_builds_the_vectors(
