@@ -178,7 +178,11 @@ def _problem_documents_only(app: Litestar) -> None:
 
 
 def worker_settings(settings: Settings) -> WorkerSettings:
-    return WorkerSettings(batch_size=settings.projection_batch_size, poll_interval=settings.projection_poll_interval)
+    return WorkerSettings(
+        batch_size=settings.projection_batch_size,
+        poll_interval=settings.projection_poll_interval,
+        linger=settings.projection_linger,
+    )
 
 
 def start_workers(settings: Settings, store: EventStore | None = None) -> dict[Worker, asyncio.Task[None]]:

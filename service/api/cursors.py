@@ -59,4 +59,7 @@ def _b64(data: bytes) -> str:
 def _unb64(text: str) -> bytes:
     if not text or len(text) > 2048 or not text.isascii():
         raise ValueError("bad cursor part")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:  # the last character's spare bits: one cursor, one spelling
+        raise ValueError("non-canonical cursor part")
+    return data
