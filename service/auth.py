@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import threading
@@ -92,6 +93,19 @@ class TokenVerifier:
             self._verified.pop(token, None)
         return None
 
+    async def user_of(self, authorization: str | None) -> str:
+        """The user of an `Authorization: Bearer <token>` header value; TokenError if there is
+        none or it does not verify. Verifying may fetch keys (JWKS): then it runs off the loop."""
+        token = bearer(authorization)
+        if token is None:
+            raise TokenError("a bearer token is required (Authorization: Bearer <JWT>)")
+        user = self.remembered(token)
+        if user is not None:
+            return user
+        if self.uses_network:
+            return await asyncio.to_thread(self.user_id, token)
+        return self.user_id(token)
+
     def user_id(self, token: str) -> str:
         user = self.remembered(token)
         if user is not None:
@@ -126,3 +140,9 @@ class TokenVerifier:
             while len(self._verified) > self.remember_tokens:
                 del self._verified[next(iter(self._verified))]
         return sub
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value, if any."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None

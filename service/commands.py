@@ -9,6 +9,7 @@ the stored events, so an idempotent retry answers exactly what the first request
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -77,6 +78,15 @@ class Idempotency:
     def __init__(self, key: str | None, fingerprint: bytes) -> None:
         self.key = key
         self.fingerprint = fingerprint
+
+
+def request_fingerprint(method: str, path: str, body: msgspec.Struct) -> bytes:
+    """What a request asked, to recognise a reused Idempotency-Key: the method, the path and the
+    decoded body (the same JSON spelled differently is the same request). HTTP and MCP share it,
+    so one key names one request either way."""
+    digest = hashlib.sha256(f"{method} {path}\n".encode())
+    digest.update(msgspec.json.encode(body))
+    return digest.digest()
 
 
 async def _live_head(conn: asyncpg.Connection, user_id: str, conversation_id: uuid.UUID) -> tuple[int, int]:

@@ -16,9 +16,7 @@ whose text is the problem document the HTTP API would answer (`code`, `status`, 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Final, Literal
 
@@ -38,6 +36,7 @@ from service import search as searching
 from service.api import schemas
 from service.api.cursors import Cursors
 from service.api.problems import answer_for, problem
+from service.api.routes import parse_uuid
 from service.auth import TokenError, TokenVerifier
 from service.connections import ConnectionPool
 from service.errors import BadRequest
@@ -125,7 +124,7 @@ def build_server(tools: Tools) -> MCPServer:
         order: Annotated[Literal["asc", "desc"], Field(description="asc: oldest first; desc: newest first")] = "asc",
     ) -> CallToolResult:
         async def call(user: str) -> dict[str, Any]:
-            cid = _uuid(conversation_id)
+            cid = parse_uuid(conversation_id)
             scope = f"messages:{cid}:{order}"
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
             async with tools.pool.acquire() as conn:
@@ -153,8 +152,8 @@ def build_server(tools: Tools) -> MCPServer:
     ) -> CallToolResult:
         async def call(user: str) -> dict[str, Any]:
             _clean("query", query)
-            cid = _uuid(conversation_id) if conversation_id is not None else None
-            scope = "search:" + hashlib.sha256(msgspec.json.encode([query, cid, role])).hexdigest()[:32]
+            cid = parse_uuid(conversation_id) if conversation_id is not None else None
+            scope = searching.cursor_scope(query, cid, role)
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
             async with tools.pool.acquire() as conn:
                 page, next_after = await searching.search_messages(
@@ -189,9 +188,9 @@ def build_server(tools: Tools) -> MCPServer:
         ] = None,
     ) -> CallToolResult:
         async def call(user: str) -> dict[str, Any]:
-            cid = _uuid(conversation_id)
+            cid = parse_uuid(conversation_id)
             body = schemas.MessageCreate(role=role, content=content)
-            fingerprint = request_fingerprint(f"/v1/conversations/{cid}/messages", body)
+            fingerprint = commands.request_fingerprint("POST", f"/v1/conversations/{cid}/messages", body)
             asked = commands.Idempotency(idempotency_key, fingerprint)
             message, _ = await commands.append_message(tools.store, tools.heads, user, cid, body, asked)
             return _message(message, budget)
@@ -199,13 +198,6 @@ def build_server(tools: Tools) -> MCPServer:
         return await run(ctx, call)
 
     return server
-
-
-def request_fingerprint(path: str, body: msgspec.Struct) -> bytes:
-    """The fingerprint the HTTP API gives `POST path` with `body`: one key, one request, either way."""
-    digest = hashlib.sha256(f"POST {path}\n".encode())
-    digest.update(msgspec.json.encode(body))
-    return digest.digest()
 
 
 def _page(tools: Tools, scope: str, user: str, next_after: list[Any] | None, **items: Any) -> dict[str, Any]:
@@ -265,13 +257,6 @@ def _hit(r: searching.SearchResult, chars: int) -> dict[str, Any]:
     return _fit(item, "snippet", chars)
 
 
-def _uuid(value: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise BadRequest("not a valid conversation id (a UUID)", field="conversation_id") from None
-
-
 def _clean(name: str, value: str) -> None:
     if "\x00" in value or any("\ud800" <= ch <= "\udfff" for ch in value):
         raise BadRequest(f"{name} contains a NUL character or a lone surrogate", field=name)
@@ -280,22 +265,11 @@ def _clean(name: str, value: str) -> None:
 # -- Streamable HTTP in the Litestar app --------------------------------------------------------
 
 
-def bearer(headers: Any) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header, if any."""
-    value = headers.get("authorization") if headers is not None else None
-    scheme, _, token = (value or "").partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
-
-
 def http_user(verifier: TokenVerifier) -> Callable[[Context], Awaitable[str]]:
     async def user_of(ctx: Context) -> str:
-        token = bearer(ctx.headers)
+        headers = ctx.headers
         try:
-            if token is None:
-                raise TokenError("a bearer token is required (Authorization: Bearer <JWT>)")
-            if verifier.uses_network:
-                return await asyncio.to_thread(verifier.user_id, token)
-            return verifier.user_id(token)
+            return await verifier.user_of(headers.get("authorization") if headers is not None else None)
         except TokenError as exc:
             raise ToolError(problem(401, str(exc)).content.decode()) from None
 
@@ -319,14 +293,8 @@ async def mount(scope: Scope, receive: Receive, send: Send) -> None:
     """/mcp: the bearer token is checked here (401 without a valid one), then the SDK answers."""
     state = scope["litestar_app"].state
     verifier: TokenVerifier = state.verifier
-    token = bearer(Headers.from_scope(scope))
     try:
-        if token is None:
-            raise TokenError("a bearer token is required (Authorization: Bearer <JWT>)")
-        if verifier.uses_network:
-            await asyncio.to_thread(verifier.user_id, token)
-        else:
-            verifier.user_id(token)
+        await verifier.user_of(Headers.from_scope(scope).get("authorization"))
     except TokenError as exc:
         answer = problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"})
         await answer.to_asgi_response(app=None, request=None)(scope, receive, send)  # type: ignore[arg-type]

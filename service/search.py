@@ -10,6 +10,7 @@ rows, with the hits in `<mark>` tags: safe to render as HTML, and no part of the
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any, Final
 
@@ -31,6 +32,11 @@ class SearchResult(msgspec.Struct, kw_only=True):
     conversation_title: str
     snippet: str
     rank: float
+
+
+def cursor_scope(text: str, conversation_id: uuid.UUID | None, role: str | None) -> str:
+    """The list a search cursor belongs to: this query with these filters."""
+    return "search:" + hashlib.sha256(msgspec.json.encode([text, conversation_id, role])).hexdigest()[:32]
 
 
 def _sql(filters: str, keyset: str) -> str:

@@ -25,7 +25,7 @@ from litestar.response import Stream
 
 from service import chat as chats
 from service.api.problems import answer_for
-from service.api.routes import IdempotencyKey, User, idempotency, problems, strict
+from service.api.routes import IdempotencyKey, User, answered, idempotency, problems, strict
 from service.commands import Idempotency
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ async def chat(
     asked = idempotency(request, idempotency_key, data)
     if not data.stream:
         answer, replayed = await chats.chat(state.chat, user, data, asked)
-        return Response(answer, status_code=200, headers={"Idempotent-Replayed": "true"} if replayed else {})
+        return answered(answer, 200, replayed)
     return await _streamed(request, state.chat, user, data, asked)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -83,19 +81,9 @@ IdempotencyKey = Annotated[
 
 
 async def provide_user(request: Request[Any, Any, State]) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("a bearer token is required (Authorization: Bearer <JWT>)")
     verifier: TokenVerifier = request.app.state.verifier
-    token = token.strip()
     try:
-        user = verifier.remembered(token)
-        if user is not None:
-            return user
-        if verifier.uses_network:
-            return await asyncio.to_thread(verifier.user_id, token)
-        return verifier.user_id(token)
+        return await verifier.user_of(request.headers.get("authorization"))
     except TokenError as exc:
         raise Unauthorized(str(exc)) from exc
 
@@ -130,9 +118,7 @@ def idempotency(request: Request[Any, Any, State], key: str | None, body: msgspe
         validate_idempotency_key(key)
     except EventValidationError as exc:
         raise BadRequest(str(exc), field="Idempotency-Key") from None
-    digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode())
-    digest.update(msgspec.json.encode(body))
-    return commands.Idempotency(key, digest.digest())
+    return commands.Idempotency(key, commands.request_fingerprint(request.method, request.url.path, body))
 
 
 async def wait(state: State, min_position: int | None) -> None:
@@ -140,7 +126,7 @@ async def wait(state: State, min_position: int | None) -> None:
         await queries.wait_for_position(state.pool, min_position, state.settings.read_wait_seconds)
 
 
-def _replayed(body: Any, status: int, replayed: bool) -> LitestarResponse[Any]:
+def answered(body: Any, status: int, replayed: bool) -> LitestarResponse[Any]:
     return LitestarResponse(body, status_code=status, headers={"Idempotent-Replayed": "true"} if replayed else {})
 
 
@@ -161,7 +147,7 @@ async def create_conversation(
     conversation, replayed = await commands.create_conversation(
         state.store, state.heads, user, data, idempotency(request, idempotency_key, data)
     )
-    return _replayed(conversation, 201, replayed)
+    return answered(conversation, 201, replayed)
 
 
 @get(
@@ -247,7 +233,7 @@ async def append_message(
     message, replayed = await commands.append_message(
         state.store, state.heads, user, parse_uuid(conversation_id), data, idempotency(request, idempotency_key, data)
     )
-    return _replayed(message, 201, replayed)
+    return answered(message, 201, replayed)
 
 
 @get(

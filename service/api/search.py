@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated
 
-import msgspec
 from litestar import get
 from litestar.datastructures import State
 from litestar.params import QueryParameter
@@ -42,7 +40,7 @@ async def search(
     await wait(state, min_position)
     cursors: Cursors = state.cursors
     cid = parse_uuid(conversation_id) if conversation_id is not None else None
-    scope = "search:" + hashlib.sha256(msgspec.json.encode([q, cid, role])).hexdigest()[:32]
+    scope = searching.cursor_scope(q, cid, role)
     after = cursors.decode(cursor, scope, user) if cursor is not None else None
     async with state.pool.acquire() as conn:
         page, next_after = await searching.search_messages(
