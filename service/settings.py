@@ -60,6 +60,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raw = env.get(f"CHATLOG_{field.name.upper()}")
             if raw is not None and raw != "":
                 values[field.name] = raw
+        if "database_url" in values:
+            values["database_url"] = database_url(str(values["database_url"]))
         try:
             return msgspec.convert(values, cls, strict=False, dec_hook=_decode_path)
         except msgspec.ValidationError as exc:
@@ -67,6 +69,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def with_overrides(self, **changes: object) -> Settings:
         return msgspec.structs.replace(self, **changes)
+
+
+def database_url(url: str) -> str:
+    """`url` in the form chatlog connects with: a libpq-style `postgresql://` (or `postgres://`)
+    URL gets the asyncpg driver; another driver is an error rather than a failed import later."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise SettingsError("CHATLOG_DATABASE_URL must be a URL such as postgresql://user:password@host:5432/db")
+    if scheme in ("postgresql", "postgres"):
+        return f"postgresql+asyncpg://{rest}"
+    if scheme != "postgresql+asyncpg":
+        raise SettingsError(f"CHATLOG_DATABASE_URL: chatlog connects with asyncpg; use postgresql://, not {scheme}://")
+    return url
 
 
 def _decode_path(type_: type, value: object) -> object:

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.connections import ConnectionPool
 from service.database import embedded_url, make_engine, migrate
 from service.eventstore import EventStore
+from service.settings import database_url
 
 
 def _libpq(url: str) -> str:
@@ -36,10 +37,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A URL of the server, connected to its maintenance database."""
     configured = os.environ.get("CHATLOG_TEST_DATABASE_URL")
     if configured:
-        url = make_url(configured)
-        if url.drivername == "postgresql":
-            url = url.set(drivername="postgresql+asyncpg")
-        return url.render_as_string(hide_password=False)
+        return database_url(configured)
     return embedded_url(tmp_path_factory.mktemp("embedded"))
 
 

@@ -110,3 +110,18 @@ def test_a_bad_setting_is_reported_not_a_traceback(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "data") | {"CHATLOG_PORT": "eighty"}
     result = chatlog(env, "token", "alice")
     assert result.returncode == 2 and "CHATLOG" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_libpq_database_url_is_used_with_asyncpg(tmp_path: Path, db_url: str) -> None:
+    """Users copy `postgresql://...` from their provider; chatlog connects with it as it is."""
+    libpq = db_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    env = clean_env(tmp_path / "data") | {"CHATLOG_DATABASE_URL": libpq}
+    result = chatlog(env, "migrate")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("url", ["mysql://root@localhost/db", "postgresql+psycopg://u@h/db", "localhost:5432"])
+def test_a_database_url_chatlog_cannot_use_is_reported(tmp_path: Path, url: str) -> None:
+    env = clean_env(tmp_path / "data") | {"CHATLOG_DATABASE_URL": url}
+    result = chatlog(env, "migrate")
+    assert result.returncode == 2 and "CHATLOG_DATABASE_URL" in result.stderr and "Traceback" not in result.stderr
