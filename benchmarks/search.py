@@ -155,6 +155,10 @@ async def main() -> None:
     subprocess.run([sys.executable, "-m", "service.cli", "migrate"], env=env, cwd=ROOT, check=True)
     proc = None
     try:
+        if kept:  # a kept database from a run that stopped before its messages were written is rebuilt
+            conn = await asyncpg.connect(libpq(db_url))
+            kept = await conn.fetchval("SELECT EXISTS (SELECT FROM messages)")
+            await conn.close()
         if not kept:
             started = time.monotonic()
             await generate(libpq(db_url), args.messages)

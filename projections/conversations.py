@@ -218,11 +218,28 @@ def _upsert(table: str) -> str:
     """
 
 
+def owner_lexeme(user_id_sql: str) -> str:
+    """SQL for the lexeme that marks a message's owner in its search vector.
+
+    A search then asks the text index for (query AND owner) in one scan, and PostgreSQL's GIN
+    fast scan walks the owner's entries and skips through a common word's long posting list,
+    instead of reading a word found in a third of all users' messages in full. A leading space
+    keeps it apart from every word the parser can produce; the id in hex needs no quoting and
+    two ids never share a lexeme (the search still checks `user_id` itself as well).
+    """
+    return f"' u:' || encode(convert_to({user_id_sql}, 'UTF8'), 'hex')"
+
+
+def search_vector(config_sql: str, content_sql: str, user_id_sql: str) -> str:
+    """SQL for a message's search vector: its words in `config_sql`, and its owner."""
+    return f"to_tsvector({config_sql}, {content_sql}) || array_to_tsvector(ARRAY[{owner_lexeme(user_id_sql)}])"
+
+
 def _insert_messages(table: str) -> str:
     return f"""
     INSERT INTO {table} (id, conversation_id, user_id, seq, role, content, metadata, created_at, position, search)
     SELECT id, conversation_id, user_id, seq, role, content, metadata::jsonb, created_at, position,
-           to_tsvector($10::regconfig, content)
+           {search_vector("$10::regconfig", "content", "user_id")}
     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::integer[], $5::text[], $6::text[], $7::text[],
                 $8::timestamptz[], $9::bigint[])
          AS m(id, conversation_id, user_id, seq, role, content, metadata, created_at, position)

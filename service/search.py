@@ -17,6 +17,7 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
+from projections.conversations import owner_lexeme
 from service.api import schemas
 from service.errors import BadRequest
 from service.queries import from_micros, message_from_row, micros
@@ -45,7 +46,8 @@ def _sql(filters: str, keyset: str) -> str:
         SELECT m.id, m.conversation_id, m.seq, m.role, m.content, m.metadata, m.created_at, m.position,
                ts_rank(m.search, q) AS rank
         FROM messages AS m, websearch_to_tsquery($1::regconfig, $2) AS q
-        WHERE m.user_id = $3 AND m.search @@ q {filters}
+        WHERE m.user_id = $3 AND numnode(q) > 0  -- no searchable word: no hits (not all the user's)
+          AND m.search @@ (q && quote_literal({owner_lexeme("$3::text")})::tsquery) {filters}
     )
     SELECT h.id, h.conversation_id, h.seq, h.role, h.content, h.metadata::text, h.created_at, h.position,
            h.rank, c.title,

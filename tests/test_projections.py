@@ -27,6 +27,7 @@ from projections.worker import (
     projection_status,
 )
 from service import eventstore
+from service.database import downgrade, make_engine, migrate
 from service.events import ConversationDeleted, ConversationStarted, ConversationUpdated, MessageAppended
 from service.eventstore import Checkpoint, EventStore, RecordedEvent
 from service.ids import uuid7
@@ -181,7 +182,10 @@ async def test_replay_rebuilds_the_search_vectors_and_verify_finds_a_hand_edited
         ("messages", "only in the read table"),
         ("messages", "only in a fresh fold"),
     }
-    assert {d.row["search"] for d in differences} == {"'tampered':1", "'brown':3 'fox':4 'quick':2 'the':1"}
+    assert {d.row["search"] for d in differences} == {
+        "'tampered':1",
+        "' u:616c696365' 'brown':3 'fox':4 'quick':2 'the':1",
+    }
     await replay(db_url, CONVERSATIONS)
     assert await matching(raw_dsn, "fox") == ["The quick brown Fox"]
     await assert_verified(db_url)
@@ -194,6 +198,25 @@ async def test_replay_rebuilds_the_search_vectors_and_verify_finds_a_hand_edited
     finally:
         await conn.close()
     assert {r[0] for r in analyzed} == {"conversations", "messages"}
+
+
+async def test_migration_0004_gives_existing_vectors_their_owner_and_takes_it_back(
+    store: EventStore, raw_dsn: str, db_url: str
+) -> None:
+    stream = uuid7()
+    await store.append("alice", stream, [ConversationStarted()])
+    await store.append("alice", stream, [message("kept across the upgrade")])
+    await catch_up(raw_dsn)
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        await downgrade(engine, "0003_message_search")
+        assert [r[0] for r in await query(raw_dsn, "SELECT search::text FROM messages")] == [
+            "'across':2 'kept':1 'the':3 'upgrade':4"
+        ]
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+    await assert_verified(db_url)  # the same vectors as a fresh fold makes
 
 
 async def test_the_configured_search_configuration_builds_the_vectors(
