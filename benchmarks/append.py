@@ -26,7 +26,6 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -37,20 +36,14 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import libpq, server_url
 from service.connections import ConnectionPool
-from service.database import embedded_url, make_engine, migrate
+from service.database import make_engine, migrate
 from service.events import MessageAppended
 from service.eventstore import EventStore
 from service.ids import uuid7
 
 DB = "chatlog_bench_append"
-
-
-def libpq(url: str, database: str | None = None) -> str:
-    u = make_url(url).set(drivername="postgresql")
-    if database:
-        u = u.set(database=database)
-    return u.render_as_string(hide_password=False)
 
 
 async def run_for(seconds: float, concurrency: int, op: Callable[[int, int], Awaitable[None]]) -> float:
@@ -77,7 +70,7 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     args = parser.parse_args()
 
-    server = os.environ.get("CHATLOG_DATABASE_URL") or embedded_url(Path(tempfile.mkdtemp(prefix="chatlog-bench-")))
+    server = server_url()
     admin = await asyncpg.connect(libpq(server))
     await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     await admin.execute(f"CREATE DATABASE {DB}")

@@ -54,15 +54,10 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.database import embedded_url
+from benchmarks.common import libpq, server_url
 
 DB = "chatlog_bench_http"
 SECRET = "benchmark-secret-" + "x" * 48
-
-
-def libpq(url: str, database: str | None = None) -> str:
-    u = make_url(url).set(drivername="postgresql")
-    return (u.set(database=database) if database else u).render_as_string(hide_password=False)
 
 
 def free_port() -> int:
@@ -254,7 +249,7 @@ async def main() -> None:
     if "granian" in servers and importlib.util.find_spec("granian") is None:
         raise SystemExit("measuring granian needs it installed (pip install granian), or pass --server uvicorn")
 
-    cluster = os.environ.get("CHATLOG_DATABASE_URL") or embedded_url(Path(tempfile.mkdtemp(prefix="chatlog-bench-")))
+    cluster = server_url()
     admin = await asyncpg.connect(libpq(cluster))
     await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     await admin.execute(f"CREATE DATABASE {DB}")

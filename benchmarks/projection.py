@@ -36,7 +36,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,11 +45,12 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import server_url
 from projections import select
 from projections.replay import WRITERS, replay, verify
 from projections.worker import Worker, WorkerSettings
 from service.connections import connect_args
-from service.database import embedded_url, make_engine, migrate
+from service.database import make_engine, migrate
 from service.settings import Settings
 
 DB = "chatlog_bench_projection"
@@ -213,7 +213,7 @@ def main() -> None:
         print(json.dumps(run(run_phase(args))))
         return
 
-    server = os.environ.get("CHATLOG_DATABASE_URL") or embedded_url(Path(tempfile.mkdtemp(prefix="chatlog-bench-")))
+    server = server_url()
     sizes = [max(PER_CONVERSATION, n - n % PER_CONVERSATION) for n in (args.events, args.events // 10)]
     results = []
     for events in sizes[: 2 if args.compare_memory else 1]:

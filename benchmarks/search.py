@@ -38,8 +38,8 @@ import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from benchmarks.http import SECRET, free_port, libpq, rotating, start, token, wrk  # noqa: E402
-from service.database import embedded_url  # noqa: E402
+from benchmarks.common import libpq, server_url  # noqa: E402
+from benchmarks.http import SECRET, free_port, rotating, start, token, wrk  # noqa: E402
 
 DB = "chatlog_bench_search"
 USERS = 100
@@ -138,7 +138,7 @@ async def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("benchmarks/search.py needs wrk: apt-get install wrk")
 
-    server = os.environ.get("CHATLOG_DATABASE_URL") or embedded_url(Path(tempfile.mkdtemp(prefix="chatlog-bench-")))
+    server = server_url()
     admin = await asyncpg.connect(libpq(server))
     kept = args.keep and await admin.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", DB)
     if not kept:
