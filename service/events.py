@@ -76,10 +76,12 @@ _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[DomainEvent] = msgspec.json.Decoder(DomainEvent)
 
 
+_TAGS: Final[dict[type, str]] = {cls: tag for tag, cls in EVENT_TYPES.items()}
+_VALIDATORS: Final[dict[type, msgspec.json.Decoder[Any]]] = {cls: msgspec.json.Decoder(cls) for cls in _TAGS}
+
+
 def event_type(event: Event) -> str:
-    tag = type(event).__struct_config__.tag
-    assert isinstance(tag, str)
-    return tag
+    return _TAGS[type(event)]
 
 
 def encode_validated(event: object) -> bytes:
@@ -87,15 +89,16 @@ def encode_validated(event: object) -> bytes:
 
     msgspec checks constraints only when decoding, so the encoded form is decoded once more.
     """
-    if not isinstance(event, Event) or type(event) not in EVENT_TYPES.values():
+    validator = _VALIDATORS.get(type(event))
+    if validator is None:
         raise EventValidationError(f"unknown event type: {type(event).__name__}")
     try:
         data = _encoder.encode(event)
-        _decoder.decode(data)
+        validator.decode(data)
     except UnicodeEncodeError as exc:
-        raise EventValidationError(f"{event_type(event)}: text contains a lone surrogate") from exc
+        raise EventValidationError(f"{_TAGS[type(event)]}: text contains a lone surrogate") from exc
     except (msgspec.ValidationError, msgspec.EncodeError) as exc:
-        raise EventValidationError(f"{event_type(event)}: {exc}") from exc
+        raise EventValidationError(f"{_TAGS[type(event)]}: {exc}") from exc
     return data
 
 
