@@ -75,6 +75,7 @@ def serve_settings(settings: Settings, args: argparse.Namespace) -> Settings:
     settings = resolve_database(settings)
     assert settings.database_url
     asyncio.run(_migrate(settings.database_url, "head"))
+    _check_search_config(settings)
     log.info("schema migrated; listening on http://%s:%d", settings.host, settings.port)
     return settings
 
@@ -117,6 +118,13 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_search_config(settings: Settings) -> None:
+    from service.database import check_search_config
+
+    assert settings.database_url
+    asyncio.run(check_search_config(settings.database_url, settings.search_config))
+
+
 def _projections(settings: Settings, names: list[str]) -> tuple[list[Projection], Settings, str]:
     """The named projections (all for none), and the settings with the database resolved."""
     from projections import select
@@ -124,6 +132,7 @@ def _projections(settings: Settings, names: list[str]) -> tuple[list[Projection]
     projections = select(settings, names)
     settings = resolve_database(settings)
     assert settings.database_url
+    _check_search_config(settings)
     return projections, settings, settings.database_url
 
 
@@ -221,6 +230,7 @@ def cmd_mcp(settings: Settings, args: argparse.Namespace) -> int:
     settings = resolve_database(settings.with_overrides(run_workers=not args.no_workers))
     assert settings.database_url
     asyncio.run(_migrate(settings.database_url, "head"))
+    _check_search_config(settings)
     asyncio.run(serve_stdio(settings, args.user))
     return 0
 
@@ -296,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(settings, args)
     except KeyError as exc:  # an unknown projection name
         print(f"chatlog: {exc.args[0]}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # a setting the database cannot use
+        print(f"chatlog: {exc}", file=sys.stderr)
         return 2
     return result
 

@@ -104,6 +104,25 @@ async def _run_alembic(engine: AsyncEngine, action: Any) -> None:
         await conn.run_sync(run)
 
 
+async def check_search_config(url: str, config: str) -> None:
+    """Refuse to start with a text-search configuration the server does not have: otherwise the
+    projection would stop at the first message and every search would fail."""
+    import asyncpg
+
+    from service.connections import connect_args
+    from service.settings import SettingsError
+
+    conn = await asyncpg.connect(**connect_args(url))
+    try:
+        await conn.fetchval("SELECT $1::regconfig", config)
+    except (asyncpg.UndefinedObjectError, asyncpg.InvalidParameterValueError, asyncpg.InvalidNameError) as exc:
+        raise SettingsError(
+            f"CHATLOG_SEARCH_CONFIG: {exc}; the server's configurations are listed by SELECT cfgname FROM pg_ts_config"
+        ) from None
+    finally:
+        await conn.close()
+
+
 async def current_revision(engine: AsyncEngine) -> str | None:
     async with engine.connect() as conn:
         exists = await conn.scalar(text("SELECT to_regclass('alembic_version') IS NOT NULL"))

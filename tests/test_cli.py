@@ -125,3 +125,13 @@ def test_a_database_url_chatlog_cannot_use_is_reported(tmp_path: Path, url: str)
     env = clean_env(tmp_path / "data") | {"CHATLOG_DATABASE_URL": url}
     result = chatlog(env, "migrate")
     assert result.returncode == 2 and "CHATLOG_DATABASE_URL" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "project", "replay", "verify"])
+def test_an_unknown_search_configuration_stops_the_command_at_once(tmp_path: Path, db_url: str, command: str) -> None:
+    """Not at the first message (the projection would stop) nor at every search."""
+    env = clean_env(tmp_path / "data") | {"CHATLOG_DATABASE_URL": db_url, "CHATLOG_SEARCH_CONFIG": "klingon"}
+    result = chatlog(env, command)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "CHATLOG_SEARCH_CONFIG" in result.stderr and "klingon" in result.stderr
+    assert "Traceback" not in result.stderr
