@@ -8,8 +8,9 @@ as the HTTP routes, so limits, idempotency and isolation are the API's own. It i
   tool call reads its user from its own request's token again.
 - stdio, for local agents, as one fixed user (`chatlog mcp --user USER`).
 
-Results are compact JSON for a model's context: message text is cut so that a page stays within
-`CHATLOG_MCP_RESULT_CHARS` (a cut message says so and how long it is). Errors are tool errors
+Results are compact JSON for a model's context: a page stays within `CHATLOG_MCP_RESULT_CHARS`.
+Long texts are cut to fit (a cut one says so and how long it is); when the items still do not
+fit, the page holds fewer of them and its cursor goes on from there. Errors are tool errors
 whose text is the problem document the HTTP API would answer (`code`, `status`, `detail`).
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 from litestar.datastructures import Headers
@@ -44,6 +45,7 @@ from service.eventstore import EventStore
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PAGE_OVERHEAD: Final = 600  # a page's own JSON around its items: the key, brackets, next_cursor
 INSTRUCTIONS: Final = (
@@ -103,10 +105,13 @@ def build_server(tools: Tools) -> MCPServer:
         async def call(user: str) -> dict[str, Any]:
             scope = "conversations:desc"  # the HTTP list's own cursors work here, and back
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
-            async with tools.pool.acquire() as conn:
-                page, next_after = await queries.list_conversations(conn, user, limit, True, after)
-            each = (budget - PAGE_OVERHEAD) // max(1, len(page))
-            return _page(tools, scope, user, next_after, conversations=[_conversation(c, each) for c in page])
+
+            async def fetch(count: int) -> tuple[list[schemas.Conversation], list[Any] | None]:
+                async with tools.pool.acquire() as conn:
+                    return await queries.list_conversations(conn, user, count, True, after)
+
+            items, next_after = await _fitted(fetch, limit, _conversation, budget)
+            return _page(tools, scope, user, next_after, conversations=items)
 
         return await run(ctx, call)
 
@@ -127,10 +132,13 @@ def build_server(tools: Tools) -> MCPServer:
             cid = parse_uuid(conversation_id)
             scope = f"messages:{cid}:{order}"
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
-            async with tools.pool.acquire() as conn:
-                page, next_after = await queries.list_messages(conn, user, cid, limit, order == "desc", after)
-            each = (budget - PAGE_OVERHEAD) // max(1, len(page))
-            return _page(tools, scope, user, next_after, messages=[_message(m, each) for m in page])
+
+            async def fetch(count: int) -> tuple[list[schemas.Message], list[Any] | None]:
+                async with tools.pool.acquire() as conn:
+                    return await queries.list_messages(conn, user, cid, count, order == "desc", after)
+
+            items, next_after = await _fitted(fetch, limit, _message, budget)
+            return _page(tools, scope, user, next_after, messages=items)
 
         return await run(ctx, call)
 
@@ -155,19 +163,22 @@ def build_server(tools: Tools) -> MCPServer:
             cid = parse_uuid(conversation_id) if conversation_id is not None else None
             scope = searching.cursor_scope(query, cid, role)
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
-            async with tools.pool.acquire() as conn:
-                page, next_after = await searching.search_messages(
-                    conn,
-                    user,
-                    tools.settings.search_config,
-                    query,
-                    conversation_id=cid,
-                    role=role,
-                    limit=limit,
-                    after=after,
-                )
-            each = (budget - PAGE_OVERHEAD) // max(1, len(page))
-            return _page(tools, scope, user, next_after, results=[_hit(r, each) for r in page])
+
+            async def fetch(count: int) -> tuple[list[searching.SearchResult], list[Any] | None]:
+                async with tools.pool.acquire() as conn:
+                    return await searching.search_messages(
+                        conn,
+                        user,
+                        tools.settings.search_config,
+                        query,
+                        conversation_id=cid,
+                        role=role,
+                        limit=count,
+                        after=after,
+                    )
+
+            items, next_after = await _fitted(fetch, limit, _hit, budget)
+            return _page(tools, scope, user, next_after, results=items)
 
         return await run(ctx, call)
 
@@ -202,6 +213,35 @@ def build_server(tools: Tools) -> MCPServer:
 
 def _page(tools: Tools, scope: str, user: str, next_after: list[Any] | None, **items: Any) -> dict[str, Any]:
     return {**items, "next_cursor": tools.cursors.encode(scope, user, next_after) if next_after is not None else None}
+
+
+async def _fitted(
+    fetch: Callable[[int], Awaitable[tuple[list[T], list[Any] | None]]],
+    limit: int,
+    shape: Callable[[T, int], dict[str, Any]],
+    budget: int,
+) -> tuple[list[dict[str, Any]], list[Any] | None]:
+    """A page of at most `limit` items, shaped for the model, whose JSON fits in `budget`.
+
+    Long texts are cut to an equal share of it. Should the items still not fit (metadata, many
+    items), the page is read again with as many as fit (and their texts cut to the larger share),
+    so that its cursor continues right after the last one given: nothing is skipped, the next page
+    has the rest. Each read has fewer items than the last, and one item is always given.
+    """
+    room = budget - PAGE_OVERHEAD
+    page, next_after = await fetch(limit)
+    while True:
+        each = room // max(1, len(page))
+        items = [shape(x, each) for x in page]
+        used = fitting = 0
+        for item in items:
+            used += len(_encode(item)) + 1
+            if used > room:
+                break
+            fitting += 1
+        if fitting == len(items) or len(items) <= 1:
+            return items, next_after
+        page, next_after = await fetch(max(1, fitting))
 
 
 def _fit(item: dict[str, Any], field: str, chars: int) -> dict[str, Any]:

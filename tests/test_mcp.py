@@ -245,6 +245,44 @@ async def test_long_messages_are_cut_to_the_result_cap(api: Api) -> None:
     assert message["truncated"] is True and message["content_chars"] == 30_000
 
 
+async def walk(client: Client, tool: str, key: str, **arguments: Any) -> list[dict[str, Any]]:
+    """Every page of a listing tool, each within the result cap; the items in order."""
+    items: list[dict[str, Any]] = []
+    cursor = None
+    for _ in range(100):
+        result = await client.call_tool(tool, arguments | ({"cursor": cursor} if cursor else {}))
+        assert not result.is_error, result.content
+        text = result.content[0].text  # type: ignore[union-attr]
+        assert len(text) <= 20_000  # CHATLOG_MCP_RESULT_CHARS
+        page = json.loads(text)
+        assert page[key], "every page gives at least one item"
+        items += page[key]
+        if (cursor := page["next_cursor"]) is None:
+            return items
+    raise AssertionError("the walk did not end")
+
+
+async def test_pages_whose_items_do_not_fit_the_cap_hold_fewer_and_continue(api: Api) -> None:
+    """Metadata is not cut, and many items do not fit either: the page is shorter instead."""
+    user = new_user()
+    heavy = {f"key{i:02}": "v" * 512 for i in range(16)}  # about 8,600 characters of JSON
+    conversation = await api.create(user, title="Heavy")
+    position = 0
+    for n in range(6):
+        position = (await api.say(user, conversation["id"], f"message {n}", metadata=heavy))["position"]
+    for n in range(40):
+        position = (await api.create(user, title=f"{n:03} " + "t" * 190))["position"]
+    await caught_up(api, user, position)
+    async with over_http(api, user) as client:
+        messages = await walk(client, "get_messages", "messages", conversation_id=conversation["id"], limit=100)
+        conversations = await walk(client, "list_conversations", "conversations", limit=100)
+    assert [m["content"] for m in messages] == [f"message {n}" for n in range(6)]
+    assert all(m["metadata"] == heavy for m in messages)
+    titles = [c["title"] for c in conversations]
+    assert len(titles) == len(set(titles)) == 41  # each once, across pages
+    assert titles[:40] == [f"{n:03} " + "t" * 190 for n in reversed(range(40))]
+
+
 async def test_stdio_needs_a_sane_user(api: Api) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service.cli", "mcp", "--user", "", stderr=asyncio.subprocess.PIPE
