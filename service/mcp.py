@@ -26,11 +26,11 @@ from litestar.datastructures import Headers
 from litestar.handlers import asgi
 from litestar.types import Receive, Scope, Send
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.types import CallToolResult, TextContent
-from pydantic import Field
+from mcp.types import CallToolResult, InputRequiredResult, TextContent
+from pydantic import Field, ValidationError
 
 from service import commands, queries
 from service import search as searching
@@ -75,8 +75,29 @@ class Tools:
         self.user_of = user_of
 
 
+class _Server(MCPServer):
+    """The SDK's server, with arguments that break a tool's JSON schema answered like every other
+    bad input: a tool error holding the 422 `validation_error` problem document, naming each field
+    (the SDK's own message is pydantic's text)."""
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if not isinstance(exc.__cause__, ValidationError) or isinstance(exc, UnexpectedToolError):
+                raise
+            errors = [
+                {"key": ".".join(str(part) for part in e["loc"]) or "arguments", "message": e["msg"]}
+                for e in exc.__cause__.errors(include_url=False, include_input=False)
+            ]
+            detail = "; ".join(f"{e['key']}: {e['message']}" for e in errors)
+            raise ToolError(problem(422, detail, errors=errors).content.decode()) from exc
+
+
 def build_server(tools: Tools) -> MCPServer:
-    server = MCPServer(name="chatlog", instructions=INSTRUCTIONS, log_level="WARNING")
+    server = _Server(name="chatlog", instructions=INSTRUCTIONS, log_level="WARNING")
     budget = tools.settings.mcp_result_chars
 
     async def run(ctx: Context, call: Callable[[str], Awaitable[dict[str, Any]]]) -> CallToolResult:

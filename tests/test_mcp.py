@@ -189,19 +189,21 @@ async def test_bad_arguments_are_tool_errors_and_the_server_carries_on(api: Api)
         for tool, arguments in validation:
             text = await failure(client, tool, **arguments)
             assert problem_code(text) == "validation_error", (tool, text)
-        schema = [
-            ("list_conversations", {"limit": 0}),
-            ("list_conversations", {"limit": "many"}),
-            ("get_messages", {}),
-            ("append_message", {"conversation_id": cid, "content": ""}),
-            ("append_message", {"conversation_id": cid, "content": "x" * 32_769}),
-            ("append_message", {"conversation_id": cid, "content": "x", "role": "wizard"}),
-            ("search_messages", {"query": "q" * 501}),
-            ("search_messages", {"query": ["not", "a", "string"]}),
+        schema = [  # arguments that break the tool's JSON schema: the same problem, naming the field
+            ("list_conversations", {"limit": 0}, "limit"),
+            ("list_conversations", {"limit": "many"}, "limit"),
+            ("get_messages", {}, "conversation_id"),
+            ("append_message", {"conversation_id": cid, "content": ""}, "content"),
+            ("append_message", {"conversation_id": cid, "content": "x" * 32_769}, "content"),
+            ("append_message", {"conversation_id": cid, "content": "x", "role": "wizard"}, "role"),
+            ("search_messages", {"query": "q" * 501}, "query"),
+            ("search_messages", {"query": ["not", "a", "string"]}, "query"),
         ]
-        for tool, arguments in schema:
+        for tool, arguments, field in schema:
             text = await failure(client, tool, **arguments)
             assert "Traceback" not in text and "SELECT" not in text
+            assert problem_code(text) == "validation_error", (tool, text)
+            assert field in {e["key"] for e in json.loads(text[text.index("{") :])["errors"]}, (tool, text)
         assert "Unknown tool" in await failure(client, "drop_everything")
         # A lone surrogate cannot even be sent by the SDK's client; raw, it is refused as JSON.
         r = await api.client.post(
