@@ -78,11 +78,13 @@ class Tools:
 class _Server(MCPServer):
     """The SDK's server, with arguments that break a tool's JSON schema answered like every other
     bad input: a tool error holding the 422 `validation_error` problem document, naming each field
-    (the SDK's own message is pydantic's text)."""
+    (the SDK's own message is pydantic's text); an unknown tool is a 404 `not_found` one."""
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context | None = None
     ) -> CallToolResult | InputRequiredResult:
+        if self._tool_manager.get_tool(name) is None:
+            raise ToolError(problem(404, f"Unknown tool: {name}").content.decode())
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:

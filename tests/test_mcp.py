@@ -204,7 +204,8 @@ async def test_bad_arguments_are_tool_errors_and_the_server_carries_on(api: Api)
             assert "Traceback" not in text and "SELECT" not in text
             assert problem_code(text) == "validation_error", (tool, text)
             assert field in {e["key"] for e in json.loads(text[text.index("{") :])["errors"]}, (tool, text)
-        assert "Unknown tool" in await failure(client, "drop_everything")
+        unknown = await failure(client, "drop_everything")
+        assert "Unknown tool" in unknown and problem_code(unknown) == "not_found"
         # A lone surrogate cannot even be sent by the SDK's client; raw, it is refused as JSON.
         r = await api.client.post(
             "/mcp",
