@@ -12,6 +12,7 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import context
+from service.settings import database_url
 
 config = context.config
 
@@ -26,7 +27,7 @@ async def run_async_migrations() -> None:
     url = os.environ.get("CHATLOG_DATABASE_URL")
     if not url:
         raise SystemExit("CHATLOG_DATABASE_URL is not set; use `chatlog migrate` for the embedded database")
-    engine = create_async_engine(url)
+    engine = create_async_engine(database_url(url))
     async with engine.connect() as connection:
         await connection.run_sync(do_run_migrations)
         await connection.commit()

@@ -74,8 +74,8 @@ def serve_settings(settings: Settings, args: argparse.Namespace) -> Settings:
     _exit_on_signals()
     settings = resolve_database(settings)
     assert settings.database_url
+    _check_search_config(settings)  # before migrating: it needs no tables, and a bad one changes nothing
     asyncio.run(_migrate(settings.database_url, "head"))
-    _check_search_config(settings)
     log.info("schema migrated; listening on http://%s:%d", settings.host, settings.port)
     return settings
 
@@ -229,8 +229,8 @@ def cmd_mcp(settings: Settings, args: argparse.Namespace) -> int:
     _exit_on_signals()
     settings = resolve_database(settings.with_overrides(run_workers=not args.no_workers))
     assert settings.database_url
-    asyncio.run(_migrate(settings.database_url, "head"))
     _check_search_config(settings)
+    asyncio.run(_migrate(settings.database_url, "head"))
     asyncio.run(serve_stdio(settings, args.user))
     return 0
 

@@ -115,7 +115,7 @@ async def check_search_config(url: str, config: str) -> None:
     conn = await asyncpg.connect(**connect_args(url))
     try:
         await conn.fetchval("SELECT $1::regconfig", config)
-    except (asyncpg.UndefinedObjectError, asyncpg.InvalidParameterValueError, asyncpg.InvalidNameError) as exc:
+    except asyncpg.PostgresError as exc:  # no such configuration, a malformed name, ...
         raise SettingsError(
             f"CHATLOG_SEARCH_CONFIG: {exc}; the server's configurations are listed by SELECT cfgname FROM pg_ts_config"
         ) from None

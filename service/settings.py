@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
+from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 
@@ -71,17 +72,32 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return msgspec.structs.replace(self, **changes)
 
 
+# Query parameters of a URL that reach asyncpg.connect intact (SQLAlchemy passes each one on as a
+# keyword, as a string; it makes `port` and `prepared_statement_cache_size` integers).
+_ASYNCPG_PARAMETERS: Final = frozenset({"host", "port", "ssl", "target_session_attrs", "prepared_statement_cache_size"})
+
+
 def database_url(url: str) -> str:
     """`url` in the form chatlog connects with: a libpq-style `postgresql://` (or `postgres://`)
-    URL gets the asyncpg driver; another driver is an error rather than a failed import later."""
+    URL gets the asyncpg driver and libpq's `sslmode` becomes asyncpg's `ssl` (same values);
+    another driver, or a query parameter asyncpg does not take, is an error here rather than a
+    failed import or connect later."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise SettingsError("CHATLOG_DATABASE_URL must be a URL such as postgresql://user:password@host:5432/db")
-    if scheme in ("postgresql", "postgres"):
-        return f"postgresql+asyncpg://{rest}"
-    if scheme != "postgresql+asyncpg":
+    if scheme not in ("postgresql", "postgres", "postgresql+asyncpg"):
         raise SettingsError(f"CHATLOG_DATABASE_URL: chatlog connects with asyncpg; use postgresql://, not {scheme}://")
-    return url
+    address, _, query = rest.partition("?")
+    parameters = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        name = "ssl" if name == "sslmode" else name
+        if name not in _ASYNCPG_PARAMETERS:
+            raise SettingsError(
+                f"CHATLOG_DATABASE_URL: the parameter {name!r} is not supported; "
+                f"use one of sslmode, {', '.join(sorted(_ASYNCPG_PARAMETERS))}"
+            )
+        parameters.append((name, value))
+    return f"postgresql+asyncpg://{address}" + (f"?{urlencode(parameters)}" if parameters else "")
 
 
 def _decode_path(type_: type, value: object) -> object:

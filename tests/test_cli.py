@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import httpx
 import jwt
 import pytest
@@ -115,23 +117,52 @@ def test_a_bad_setting_is_reported_not_a_traceback(tmp_path: Path) -> None:
 def test_a_libpq_database_url_is_used_with_asyncpg(tmp_path: Path, db_url: str) -> None:
     """Users copy `postgresql://...` from their provider; chatlog connects with it as it is."""
     libpq = db_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    libpq += ("&" if "?" in libpq else "?") + "sslmode=disable"  # libpq's name; asyncpg calls it ssl
     env = clean_env(tmp_path / "data") | {"CHATLOG_DATABASE_URL": libpq}
     result = chatlog(env, "migrate")
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("url", ["mysql://root@localhost/db", "postgresql+psycopg://u@h/db", "localhost:5432"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://root@localhost/db",
+        "postgresql+psycopg://u@h/db",
+        "localhost:5432",
+        "postgresql://u@h/db?channel_binding=require",  # libpq-only: asyncpg.connect would refuse it
+    ],
+)
 def test_a_database_url_chatlog_cannot_use_is_reported(tmp_path: Path, url: str) -> None:
     env = clean_env(tmp_path / "data") | {"CHATLOG_DATABASE_URL": url}
     result = chatlog(env, "migrate")
     assert result.returncode == 2 and "CHATLOG_DATABASE_URL" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command", ["serve", "project", "replay", "verify"])
-def test_an_unknown_search_configuration_stops_the_command_at_once(tmp_path: Path, db_url: str, command: str) -> None:
+@pytest.mark.parametrize(
+    ("command", "config"),
+    [("serve", "klingon"), ("project", "klingon"), ("replay", "a.b.c.d"), ("verify", "db.schema.cfg")],
+)
+def test_an_unknown_search_configuration_stops_the_command_at_once(
+    tmp_path: Path, db_url: str, command: str, config: str
+) -> None:
     """Not at the first message (the projection would stop) nor at every search."""
-    env = clean_env(tmp_path / "data") | {"CHATLOG_DATABASE_URL": db_url, "CHATLOG_SEARCH_CONFIG": "klingon"}
+    env = clean_env(tmp_path / "data") | {"CHATLOG_DATABASE_URL": db_url, "CHATLOG_SEARCH_CONFIG": config}
     result = chatlog(env, command)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "CHATLOG_SEARCH_CONFIG" in result.stderr and "klingon" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "CHATLOG_SEARCH_CONFIG" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_checks_the_search_configuration_before_it_migrates(tmp_path: Path, db_url: str, raw_dsn: str) -> None:
+    env = clean_env(tmp_path / "data") | {"CHATLOG_DATABASE_URL": db_url}
+    assert chatlog(env, "migrate", "--downgrade", "0003_message_search").returncode == 0
+    result = chatlog(env | {"CHATLOG_SEARCH_CONFIG": "klingon"}, "serve")
+    assert result.returncode == 2 and "klingon" in result.stderr
+
+    async def revision() -> str:
+        conn = await asyncpg.connect(raw_dsn)
+        try:
+            return str(await conn.fetchval("SELECT version_num FROM alembic_version"))
+        finally:
+            await conn.close()
+
+    assert asyncio.run(revision()) == "0003_message_search", "no migration ran"
