@@ -141,6 +141,14 @@ async def main() -> None:
     server = server_url()
     admin = await asyncpg.connect(libpq(server))
     kept = args.keep and await admin.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", DB)
+    if kept:  # a kept database from a run that stopped before its read tables were built is made anew
+        conn = await asyncpg.connect(libpq(server, DB))
+        try:
+            kept = await conn.fetchval("SELECT to_regclass('messages') IS NOT NULL") and await conn.fetchval(
+                "SELECT EXISTS (SELECT FROM messages)"
+            )
+        finally:
+            await conn.close()
     if not kept:
         await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
         await admin.execute(f"CREATE DATABASE {DB}")
@@ -155,10 +163,6 @@ async def main() -> None:
     subprocess.run([sys.executable, "-m", "service.cli", "migrate"], env=env, cwd=ROOT, check=True)
     proc = None
     try:
-        if kept:  # a kept database from a run that stopped before its messages were written is rebuilt
-            conn = await asyncpg.connect(libpq(db_url))
-            kept = await conn.fetchval("SELECT EXISTS (SELECT FROM messages)")
-            await conn.close()
         if not kept:
             started = time.monotonic()
             await generate(libpq(db_url), args.messages)

@@ -8,6 +8,7 @@ buffer it inherited, so that parent and child never hand out the same bits.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from typing import Final
@@ -19,11 +20,12 @@ _BUFFER: Final = 4096 // _CHUNK * _CHUNK
 
 _random = b""
 _offset = 0
+_lock = threading.Lock()  # threads must not take the same bytes
 
 
 def _drop_buffer() -> None:
-    global _random, _offset
-    _random, _offset = b"", 0
+    global _random, _offset, _lock
+    _random, _offset, _lock = b"", 0, threading.Lock()  # a lock held by another thread at the fork stays held
 
 
 os.register_at_fork(after_in_child=_drop_buffer)
@@ -31,9 +33,11 @@ os.register_at_fork(after_in_child=_drop_buffer)
 
 def uuid7() -> uuid.UUID:
     global _random, _offset
-    if _offset >= len(_random):
-        _random, _offset = os.urandom(_BUFFER), 0
-    rand = int.from_bytes(_random[_offset : _offset + _CHUNK], "big")
-    _offset += _CHUNK
+    with _lock:
+        if _offset >= len(_random):
+            _random, _offset = os.urandom(_BUFFER), 0
+        chunk = _random[_offset : _offset + _CHUNK]
+        _offset += _CHUNK
+    rand = int.from_bytes(chunk, "big")
     ms = time.time_ns() // 1_000_000
     return uuid.UUID(int=((ms & 0xFFFF_FFFF_FFFF) << 80) | (rand & _RANDOM_BITS) | _VERSION_AND_VARIANT)

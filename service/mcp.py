@@ -247,24 +247,28 @@ async def _fitted(
     """A page of at most `limit` items, shaped for the model, whose JSON fits in `budget`.
 
     Long texts are cut to an equal share of it. Should the items still not fit (metadata, many
-    items), the page is read again with as many as fit (and their texts cut to the larger share),
-    so that its cursor continues right after the last one given: nothing is skipped, the next page
-    has the rest. Each read has fewer items than the last, and one item is always given.
+    items), the page is read again with as many as fit (their texts cut to the larger share that
+    leaves), so that its cursor continues right after the last one given: nothing is skipped, the
+    next page has the rest. One item is always given.
     """
     room = budget - PAGE_OVERHEAD
     page, next_after = await fetch(limit)
     while True:
-        each = room // max(1, len(page))
-        items = [shape(x, each) for x in page]
-        used = fitting = 0
-        for item in items:
-            used += len(_encode(item)) + 1
-            if used > room:
-                break
-            fitting += 1
-        if fitting == len(items) or len(items) <= 1:
+        items = _shaped(page, shape, room)
+        if items is not None:
             return items, next_after
-        page, next_after = await fetch(max(1, fitting))
+        fitting = next(k for k in range(len(page) - 1, 0, -1) if k == 1 or _shaped(page[:k], shape, room))
+        page, next_after = await fetch(fitting)  # usually those same items; if the list moved on, check again
+
+
+def _shaped(page: list[T], shape: Callable[[T, int], dict[str, Any]], room: int) -> list[dict[str, Any]] | None:
+    """The items shaped with texts cut to an equal share of `room` (after the commas between
+    them), if together they fit in it; a lone item is given whatever its size."""
+    share = (room - len(page)) // max(1, len(page))
+    items = [shape(x, share) for x in page]
+    if len(items) <= 1 or sum(len(_encode(item)) + 1 for item in items) <= room:
+        return items
+    return None
 
 
 def _fit(item: dict[str, Any], field: str, chars: int) -> dict[str, Any]:

@@ -248,6 +248,20 @@ async def test_long_messages_are_cut_to_the_result_cap(api: Api) -> None:
     assert message["truncated"] is True and message["content_chars"] == 30_000
 
 
+async def test_many_long_messages_share_the_cap_on_one_page(api: Api) -> None:
+    user = new_user()
+    cid, position = await seeded(api, user, *(f"{n:02} " + "x" * 2_000 for n in range(20)))
+    await caught_up(api, user, position)
+    async with over_http(api, user) as client:
+        result = await client.call_tool("get_messages", {"conversation_id": cid, "limit": 20})
+    text = result.content[0].text  # type: ignore[union-attr]
+    assert len(text) <= 20_000  # CHATLOG_MCP_RESULT_CHARS
+    page = json.loads(text)
+    assert [m["content"][:2] for m in page["messages"]] == [f"{n:02}" for n in range(20)]  # all of them, cut
+    assert all(m["truncated"] and m["content_chars"] == 2_003 for m in page["messages"])
+    assert len(text) > 18_000, "the cut leaves the items most of the cap, not a fraction of it"
+
+
 async def walk(client: Client, tool: str, key: str, **arguments: Any) -> list[dict[str, Any]]:
     """Every page of a listing tool, each within the result cap; the items in order."""
     items: list[dict[str, Any]] = []
