@@ -103,13 +103,14 @@ class TokenVerifier:
         if user is not None:
             return user
         if self.uses_network:
-            return await asyncio.to_thread(self.user_id, token)
-        return self.user_id(token)
+            return await asyncio.to_thread(self._verify, token)
+        return self._verify(token)
 
     def user_id(self, token: str) -> str:
-        user = self.remembered(token)
-        if user is not None:
-            return user
+        return self.remembered(token) or self._verify(token)
+
+    def _verify(self, token: str) -> str:
+        """The token's user, verified now (and remembered); TokenError if it does not verify."""
         try:
             if self._jwks is not None:
                 key: object = self._jwks.get_signing_key_from_jwt(token).key

@@ -16,16 +16,15 @@ from collections import deque
 from typing import Any
 
 import asyncpg
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from service.settings import database_url
 
 
 def connect_args(url: str) -> dict[str, Any]:
-    """asyncpg.connect keywords for a SQLAlchemy URL (SQLAlchemy's own parsing of it)."""
-    u = make_url(url)
-    if u.drivername in ("postgresql", "postgres"):
-        u = u.set(drivername="postgresql+asyncpg")
-    engine = create_async_engine(u)
+    """asyncpg.connect keywords for a database URL (read as the settings read it, then parsed by
+    SQLAlchemy's asyncpg dialect)."""
+    engine = create_async_engine(database_url(url))
     try:
         args, kwargs = engine.sync_engine.dialect.create_connect_args(engine.url)
     finally:
