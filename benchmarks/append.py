@@ -17,12 +17,21 @@ hits both alike, and the median round is reported.
   ratio is judged against this one.
 - raw-tx: the same INSERT written as it usually is, `async with conn.transaction()` around it
   (BEGIN, INSERT, COMMIT: three round trips), for reference.
+- store-sql: the store's own statement (`_APPEND_ONE_AT`, what it sends once it knows a stream's
+  head), sent like the raw loop's: each task on its connection, no validation, no pool. Between
+  raw and store-sql lies what the statement costs; between store-sql and store, the store's Python.
+
+Each contender's CPU is accounted too (where /proc exists), per event: this process's (the
+client: asyncpg, the event loop and, for the store, its Python) and the rest of the machine's,
+which is PostgreSQL's when nothing else runs. On a 2-core machine the two share the cores, so
+client CPU the store adds is throughput lost.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import statistics
 import sys
@@ -30,24 +39,32 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import libpq, server_url
+from benchmarks.common import libpq, machine_cpu_seconds, server_url
 from service.connections import ConnectionPool
 from service.database import make_engine, migrate
 from service.events import MessageAppended
-from service.eventstore import EventStore
+from service.eventstore import _APPEND_ONE_AT, EventStore
 from service.ids import uuid7
 
 DB = "chatlog_bench_append"
 
 
-async def run_for(seconds: float, concurrency: int, op: Callable[[int, int], Awaitable[None]]) -> float:
-    """Run `op(task, i)` in `concurrency` tasks for `seconds`; return operations per second."""
+class Measured(NamedTuple):
+    rate: float  # operations per second
+    client_us: float  # this process's CPU per operation, microseconds
+    other_us: float  # the rest of the machine's CPU per operation (nan without /proc)
+
+
+async def run_for(seconds: float, concurrency: int, op: Callable[[int, int], Awaitable[None]]) -> Measured:
+    """Run `op(task, i)` in `concurrency` tasks for `seconds`; its rate and CPU per operation."""
+    machine, cpu = machine_cpu_seconds(), time.process_time()
     deadline = time.perf_counter() + seconds
     counts = [0] * concurrency
 
@@ -60,7 +77,11 @@ async def run_for(seconds: float, concurrency: int, op: Callable[[int, int], Awa
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(t) for t in range(concurrency)))
-    return sum(counts) / (time.perf_counter() - start)
+    elapsed, done = time.perf_counter() - start, sum(counts)
+    client = time.process_time() - cpu
+    busy = machine_cpu_seconds()
+    other = busy - machine - client if busy is not None and machine is not None else math.nan
+    return Measured(done / elapsed, client / done * 1e6, other / done * 1e6)
 
 
 async def main() -> None:
@@ -118,25 +139,40 @@ async def main() -> None:
         async with conn.transaction():
             await conn.execute(raw_sql, uuid7(), stream(task), i + 1, f"user{task}", data_json)
 
-    results: dict[tuple[str, int], list[float]] = {}
+    async def store_sql_op(task: int, i: int) -> None:
+        await raw_conns[task].fetch(
+            _APPEND_ONE_AT, stream(task), f"user{task}", uuid7(), "message.appended", data_json, metadata, i, None, None
+        )
+
+    metadata = '{"schema_version": 1}'
+    kinds = {"raw": raw_op, "raw-tx": raw_tx_op, "store-sql": store_sql_op, "store": store_op}
+    results: dict[tuple[str, int], list[Measured]] = {}
     for _ in range(args.rounds):
         for c in args.concurrency:
-            for kind, op in (("raw", raw_op), ("raw-tx", raw_tx_op), ("store", store_op)):
+            for kind, op in kinds.items():
                 phase += 1
                 results.setdefault((kind, c), []).append(await run_for(args.seconds, c, op))
 
-    print(
-        f"{'concurrency':>11} {'store ev/s':>11} {'raw ev/s':>10} {'ratio':>6} {'raw-tx ev/s':>12} {'ratio':>6}"
-        "   rounds (store / raw / raw-tx)"
-    )
+    def median(kind: str, c: int, field: str) -> float:
+        return statistics.median(getattr(m, field) for m in results[(kind, c)])
+
+    print(f"{'concurrency':>11} {'store ev/s':>11} {'raw ev/s':>10} {'ratio':>6} {'raw-tx ev/s':>12} {'ratio':>6}")
     for c in args.concurrency:
-        s, r, t = (statistics.median(results[(k, c)]) for k in ("store", "raw", "raw-tx"))
-        rounds = ", ".join(
-            f"{a:.0f}/{b:.0f}/{d:.0f}"
-            for a, b, d in zip(results[("store", c)], results[("raw", c)], results[("raw-tx", c)], strict=True)
-        )
-        print(f"{c:>11} {s:>11.0f} {r:>10.0f} {s / r:>6.2f} {t:>12.0f} {s / t:>6.2f}   {rounds}")
+        s, r, t = (median(k, c, "rate") for k in ("store", "raw", "raw-tx"))
+        print(f"{c:>11} {s:>11.0f} {r:>10.0f} {s / r:>6.2f} {t:>12.0f} {s / t:>6.2f}")
     print("target: store >= 0.9 x raw at concurrency 32")
+    print("\nper contender: medians of the rounds; CPU in microseconds per event, this process's (client)")
+    print("and the rest of the machine's (server: PostgreSQL, when nothing else runs)")
+    header = f"{'concurrency':>11} {'contender':>10} {'ev/s':>8} {'x raw':>6} {'client CPU':>10} {'server CPU':>10}"
+    print(f"{header}   rounds ev/s")
+    for c in args.concurrency:
+        for kind in kinds:
+            rate = median(kind, c, "rate")
+            rounds = ", ".join(f"{m.rate:.0f}" for m in results[(kind, c)])
+            print(
+                f"{c:>11} {kind:>10} {rate:>8.0f} {rate / median('raw', c, 'rate'):>6.2f} "
+                f"{median(kind, c, 'client_us'):>10.1f} {median(kind, c, 'other_us'):>10.1f}   {rounds}"
+            )
 
     await store.aclose()
     await store.pool.close()
