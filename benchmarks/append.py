@@ -154,7 +154,7 @@ async def main() -> None:
                 results.setdefault((kind, c), []).append(await run_for(args.seconds, c, op))
 
     def median(kind: str, c: int, field: str) -> float:
-        return statistics.median(getattr(m, field) for m in results[(kind, c)])
+        return float(statistics.median(getattr(m, field) for m in results[(kind, c)]))
 
     print(f"{'concurrency':>11} {'store ev/s':>11} {'raw ev/s':>10} {'ratio':>6} {'raw-tx ev/s':>12} {'ratio':>6}")
     for c in args.concurrency:

@@ -40,10 +40,24 @@ def machine_cpu_seconds() -> float | None:
 
 
 def process_cpu_seconds(pid: int) -> float | None:
-    """CPU seconds (user + system) process `pid` has spent so far, from /proc; None where there is none."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    """CPU seconds (user + system) that process `pid` and its descendants alive now have spent so
+    far, from /proc (an ASGI server may serve from a forked worker); None where there is none."""
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, CPU seconds)
+    for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else ():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    if pid not in stats:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total, tree = 0.0, {pid}
+    for p in sorted(stats):  # a child's pid is usually larger than its parent's; check again below
+        if stats[p][0] in tree:
+            tree.add(p)
+    while grown := {p for p, (parent, _) in stats.items() if parent in tree} - tree:
+        tree |= grown
+    for p in tree:
+        total += stats[p][1]
+    return total

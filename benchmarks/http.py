@@ -39,6 +39,7 @@ import asyncio
 import importlib.util
 import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -54,7 +55,7 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import libpq, server_url
+from benchmarks.common import libpq, machine_cpu_seconds, process_cpu_seconds, server_url
 
 DB = "chatlog_bench_http"
 SECRET = "benchmark-secret-" + "x" * 48
@@ -145,19 +146,44 @@ def start(cmd: list[str], env: dict[str, str], health: str) -> subprocess.Popen[
     raise SystemExit(f"{cmd} did not answer {health}")
 
 
-def wrk(url: str, script: str, *, connections: int, seconds: float, threads: int = 2) -> dict[str, float]:
+def wrk(
+    url: str,
+    script: str,
+    *,
+    connections: int,
+    seconds: float,
+    threads: int = 2,
+    watch: dict[str, subprocess.Popen[bytes]] | None = None,
+) -> dict[str, float]:
+    """wrk's requests/s, non-2xx answers and latency percentiles; with `watch` (name -> a server
+    process), also the CPU per request, in microseconds, of each watched process (with its
+    children), of wrk ("wrk_us") and of the rest of the machine ("rest_us": PostgreSQL, when
+    nothing else runs), where /proc exists."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
     duration = f"-d{max(1, round(seconds))}s"
     command = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", duration, "--latency", "-s", f.name, url]
+    procs = watch or {}
+    before = {name: process_cpu_seconds(proc.pid) for name, proc in procs.items()}
+    machine, children = machine_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         command,
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+    busy, after = machine_cpu_seconds(), {name: process_cpu_seconds(proc.pid) for name, proc in procs.items()}
+    finished = resource.getrusage(resource.RUSAGE_CHILDREN)
     os.unlink(f.name)
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    requests = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    measured = [before[n] is not None and after[n] is not None for n in procs]
+    if procs and all(measured) and machine is not None and busy is not None and requests:
+        spent = {name: after[name] - before[name] for name in procs}  # type: ignore[operator]
+        spent["wrk"] = finished.ru_utime + finished.ru_stime - children.ru_utime - children.ru_stime
+        rest = busy - machine - sum(spent.values())
+        result |= {f"{name}_us": cpu / requests * 1e6 for name, cpu in spent.items()}
+        result["rest_us"] = rest / requests * 1e6
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["errors"] = float(errors.group(1)) if errors else 0.0
     for pct in ("50", "99"):
@@ -279,8 +305,12 @@ async def main() -> None:
             command.append("--no-workers")
         return start(command, env, f"{base}/healthz")
 
-    procs = [start(naive_command(server, int(url.rsplit(":", 1)[1])), env, f"{url}/") for server, url in naive.items()]
+    naive_procs: dict[str, subprocess.Popen[bytes]] = {}
+    for server, url in naive.items():
+        naive_procs[server] = start(naive_command(server, int(url.rsplit(":", 1)[1])), env, f"{url}/")
+    procs = list(naive_procs.values())
     chatlog: subprocess.Popen[bytes] | None = None
+    projector: subprocess.Popen[bytes] | None = None
     try:
         conn = await asyncpg.connect(libpq(db_url))
         print(f"PostgreSQL {await conn.fetchval('SHOW server_version')}, {os.cpu_count()} cores, "
@@ -290,7 +320,8 @@ async def main() -> None:
         headers = {"Authorization": f"Bearer {token('bench-writer')}", "Content-Type": "application/json"}
         chatlog = serve(SERVED)  # migrates the database
         if args.projector == "separate":
-            procs.append(start([sys.executable, "-m", "service.cli", "project"], env, f"{base}/healthz"))
+            projector = start([sys.executable, "-m", "service.cli", "project"], env, f"{base}/healthz")
+            procs.append(projector)
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
             ids = [
                 (await client.post("/v1/conversations", json={"title": f"c{i}"}, headers=headers)).json()["id"]
@@ -306,12 +337,14 @@ async def main() -> None:
         results: dict[str, list[dict[str, float]]] = {}
         for _ in range(args.rounds):
             for server in servers:
-                results.setdefault(f"naive {server}", []).append(wrk(naive[server], theirs, connections=32,
-                                                                     seconds=args.seconds))  # fmt: skip
+                measured = wrk(naive[server], theirs, connections=32, seconds=args.seconds,
+                               watch={"server": naive_procs[server]})  # fmt: skip
+                results.setdefault(f"naive {server}", []).append(measured)
                 chatlog = serve(server)
                 wrk(base, ours, connections=32, seconds=1)  # warm-up: connections, remembered heads
+                watch = {"server": chatlog} | ({"projector": projector} if projector else {})
                 results.setdefault(f"chatlog {server}", []).append(wrk(base, ours, connections=32,
-                                                                       seconds=args.seconds))  # fmt: skip
+                                                                       seconds=args.seconds, watch=watch))  # fmt: skip
                 stop(chatlog)
                 chatlog = None
         rps = {name: statistics.median(r["rps"] for r in rs) for name, rs in results.items()}
@@ -334,6 +367,13 @@ async def main() -> None:
             print(
                 f"  {name:>16} rounds: " + ", ".join(f"{r['rps']:,.0f} (p99 {r.get('p99_ms', 0):.1f} ms)" for r in rs)
             )
+        if all("rest_us" in r for rs in results.values() for r in rs):
+            print("  CPU per request, microseconds (medians of the rounds; rest: PostgreSQL, when nothing else runs):")
+            for name, rs in results.items():
+                parts = [p for p in ("server", "projector", "wrk", "rest") if f"{p}_us" in rs[0]]
+                cpu = {p: statistics.median(r[f"{p}_us"] for r in rs) for p in parts}
+                shares = ", ".join(f"{p} {us:.0f}" for p, us in cpu.items())
+                print(f"  {name:>16}: {shares}, total {sum(cpu.values()):.0f}")
 
         if not args.skip_history:
             chatlog = serve(SERVED)

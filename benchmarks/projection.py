@@ -20,7 +20,9 @@ log: see `settle`) and checkpointed, so that no phase pays for the autovacuum an
 buffers of the one before it.
 
 Each phase runs in a child process of its own (this script with `--phase`), which reports its
-wall time, its CPU time (the client's share: the rest is the server's), and its peak RSS. The peak
+wall time, its CPU time (the client's share), the rest of the machine's busy CPU time over the
+phase (the server's, where /proc exists and nothing else runs), and its peak RSS; the replay's
+note says when its bulk fold ended (the rest: indexes, statistics, catch-up and swap). The peak
 is the child's VmHWM from /proc: `ru_maxrss` would also count the parent's peak, which an exec'd
 child inherits on Linux. `--compare-memory` runs everything for N and N / 10: flat memory means
 about the same peaks.
@@ -45,7 +47,7 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import server_url
+from benchmarks.common import machine_cpu_seconds, server_url
 from projections import select
 from projections.replay import WRITERS, replay, verify
 from projections.worker import Worker, WorkerSettings
@@ -110,7 +112,7 @@ async def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     (projection,) = select(Settings.from_env(), [NAME])
     conn = await asyncpg.connect(**connect_args(args.url))
     note = ""
-    cpu = time.process_time()
+    machine, cpu = machine_cpu_seconds(), time.process_time()
     start = time.perf_counter()
     if args.phase == "generate":
         conversations = args.events // PER_CONVERSATION
@@ -144,17 +146,24 @@ async def run_phase(args: argparse.Namespace) -> dict[str, Any]:
         await task
         note = f"batch {args.worker_batch}; applied {worker.applied:,}"
     elif args.phase == "replay":
-        checkpoint = await replay(args.url, projection, batch_size=args.replay_batch)
+        folded = [0.0]  # seconds until the bulk fold's last batch
+
+        def progress(applied: int, seconds: float) -> None:
+            folded[0] = seconds
+
+        checkpoint = await replay(args.url, projection, batch_size=args.replay_batch, progress=progress)
         assert checkpoint.position == await last_event(conn), checkpoint
-        note = f"batch {args.replay_batch}, {WRITERS} folding connections"
+        note = f"batch {args.replay_batch}, {WRITERS} folding connections; bulk fold {folded[0]:.1f} s"
     else:
         differences = await verify(args.url, projection)
         note = f"{len(differences)} differences"
     if args.phase != "catch-up":
         elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu
+    busy = machine_cpu_seconds()
+    server = busy - machine - cpu if busy is not None and machine is not None else None
     await conn.close()
-    return {"seconds": elapsed, "cpu": cpu, "rss": peak_rss_mib(), "note": note}
+    return {"seconds": elapsed, "cpu": cpu, "server_cpu": server, "rss": peak_rss_mib(), "note": note}
 
 
 async def settle(url: str, phase: str) -> None:
@@ -230,13 +239,19 @@ def main() -> None:
         finally:
             run(recreate(server, drop_only=True))
 
-    print(f"{'phase':<9} {'events':>10} {'seconds':>8} {'events/s':>9} {'client CPU':>10} {'peak RSS':>8}  notes")
+    header = f"{'phase':<9} {'events':>10} {'seconds':>8} {'events/s':>9} {'client CPU':>10} {'server CPU':>10}"
+    print(f"{header} {'peak RSS':>8}  notes")
     for r in results:
         rate = r["events"] / r["seconds"]
+        server = "-" if r["server_cpu"] is None else f"{r['server_cpu']:.1f}s"
         print(
             f"{r['phase']:<9} {r['events']:>10,} {r['seconds']:>8.2f} {rate:>9,.0f} "
-            f"{r['cpu']:>9.1f}s {r['rss']:>4.0f} MiB  {r['note']}"
+            f"{r['cpu']:>9.1f}s {server:>10} {r['rss']:>4.0f} MiB  {r['note']}"
         )
+    print(
+        f"CPU: the phase's own process (client) and the rest of the machine (server: PostgreSQL, when nothing "
+        f"else runs); {os.cpu_count()} cores give {os.cpu_count()} CPU seconds per second"
+    )
     if args.compare_memory:
         for phase in PHASES:
             big, small = (r["rss"] for r in results if r["phase"] == phase)
