@@ -1,14 +1,15 @@
 """HTTP throughput and history latency of `chatlog serve`, next to a naive endpoint, in one run.
 
     python benchmarks/http.py [--seconds 10] [--rounds 2] [--messages 1000000] [--skip-history]
-                              [--server uvicorn|granian|both] [--projector in-process|separate]
+                              [--server uvicorn|granian|both] [--projector in-process|separate|none]
                               [--profile DIR]
 
 Needs `wrk` (Debian: apt-get install wrk). Uses CHATLOG_DATABASE_URL when set, else an embedded
 PostgreSQL in a temporary directory; works in a fresh database `chatlog_bench_http`.
 
 1. Appends: `chatlog serve` (one worker process, the projection worker in-process unless
-   `--projector separate`) takes POST /v1/conversations/{id}/messages from wrk at concurrency 32
+   `--projector separate`; `--projector none`, no projection worker at all, is not the target's
+   set-up but shows what the projection costs) takes POST /v1/conversations/{id}/messages from wrk at concurrency 32
    (256 conversations, round robin), under each ASGI server asked for (`--server`, default both:
    the figures behind `chatlog serve`'s choice). In the same run, rounds alternating,
    `benchmarks/naive_app.py` (Litestar + asyncpg, one INSERT per request, one worker) takes the
@@ -256,9 +257,9 @@ async def main() -> None:
     parser.add_argument("--skip-history", action="store_true")
     parser.add_argument(
         "--projector",
-        choices=["in-process", "separate"],
+        choices=["in-process", "separate", "none"],
         default="in-process",
-        help="run the projection worker inside the API process (default) or as `chatlog project` beside it",
+        help="the projection worker inside the API process (default), as `chatlog project` beside it, or none",
     )
     parser.add_argument(
         "--server",
@@ -301,7 +302,7 @@ async def main() -> None:
             args.profile.mkdir(parents=True, exist_ok=True)
             profile = str((args.profile / f"chatlog-{server}-{runs}.prof").resolve())
         command = [sys.executable, "-c", SERVE, server, profile, "serve", "--port", str(port)]
-        if args.projector == "separate":
+        if args.projector != "in-process":
             command.append("--no-workers")
         return start(command, env, f"{base}/healthz")
 
