@@ -347,6 +347,8 @@ def _unsigned(claims: dict[str, Any]) -> str:
         f"Bearer {jwt.encode({'exp': int(time.time()) + 60}, SECRET, algorithm='HS256')}",
         f"Bearer {jwt.encode({'sub': '', 'exp': int(time.time()) + 60}, SECRET, algorithm='HS256')}",
         f"Bearer {jwt.encode({'sub': 'x' * 256, 'exp': int(time.time()) + 60}, SECRET, algorithm='HS256')}",
+        "Bearer " + jwt.encode({"sub": "a\x00b", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),
+        "Bearer " + jwt.encode({"sub": "a\ud800b", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),
         f"Bearer {jwt.encode({'sub': 'a', 'exp': int(time.time()) + 60}, SECRET, algorithm='HS512')}",
         f"Bearer {_unsigned({'sub': 'a', 'exp': int(time.time()) + 60})}",
         "Bearer not.a.jwt",
@@ -361,6 +363,8 @@ def _unsigned(claims: dict[str, Any]) -> str:
         "no-sub",
         "empty-sub",
         "long-sub",
+        "nul-sub",
+        "surrogate-sub",
         "hs512",
         "alg-none",
         "junk",
@@ -375,6 +379,8 @@ async def test_bad_tokens_are_401_on_every_route(api: Api, header: str | None) -
         ("GET", f"/v1/conversations/{cid}", None),
         ("POST", f"/v1/conversations/{cid}/messages", {"role": "user", "content": "x"}),
         ("GET", "/v1/events", None),
+        ("GET", "/v1/search?q=x", None),
+        ("POST", "/v1/chat", {"message": "x"}),
     ):
         r = await api.client.request(method, url, json=body, headers=headers)
         assert_problem(r, 401, "unauthorized")
