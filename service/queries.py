@@ -160,11 +160,16 @@ def _int_keyset(after: list[Any]) -> int:
 
 
 async def checkpoint_after(conn: asyncpg.Connection, user_id: str, position: int) -> Checkpoint:
-    """The feed's place just after the user's event at `position`."""
-    tx_id = await conn.fetchval("SELECT tx_id FROM events WHERE position = $1 AND user_id = $2", position, user_id)
-    if tx_id is None:
-        raise BadRequest(f"no event of yours at position {position}", field="after")
-    return Checkpoint(int(tx_id), position)
+    """The feed's place for `after=position`: just after the user's own event at that position,
+    or, for any other position, after the user's last event at or before it (the start of the
+    log if there is none, as for 0). So the answer depends on the user's own events alone: a
+    position of another user's event, one never used, and one beyond the log's end are alike."""
+    row = await conn.fetchrow(
+        "SELECT tx_id, position FROM events WHERE user_id = $2 AND position <= $1 ORDER BY position DESC LIMIT 1",
+        position,
+        user_id,
+    )
+    return Checkpoint() if row is None else Checkpoint(int(row[0]), row[1])
 
 
 async def list_events(

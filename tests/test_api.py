@@ -167,8 +167,8 @@ async def test_another_users_conversation_is_404_on_every_route(api: Api) -> Non
     assert listed["data"] == []
     feed = (await api.client.get("/v1/events", headers=auth(bob))).json()
     assert feed["data"] == []
-    r = await api.client.get(f"/v1/events?after={m['position']}", headers=auth(bob))
-    assert_problem(r, 422, "validation_error")
+    r = await api.client.get(f"/v1/events?after={m['position'] - 1}", headers=auth(bob))
+    assert r.status_code == 200 and r.json()["data"] == []
     mine = (
         await api.client.get(f"/v1/conversations/{cid}/messages?min_position={m['position']}", headers=auth(alice))
     ).json()
@@ -323,6 +323,31 @@ async def test_the_event_feed_lists_own_events_in_commit_order_by_after_and_curs
     after = (await api.client.get(f"/v1/events?after={msgs[1]['position']}", headers=auth(user))).json()
     assert [e["position"] for e in after["data"]] == [msgs[2]["position"], msgs[3]["position"]]
     assert after["data"][0]["data"]["seq"] == 3
+    assert (await api.client.get("/v1/events?after=0", headers=auth(user))).json()["data"] == everything
+
+
+async def test_the_event_feed_takes_any_position_as_after_and_reveals_nothing_by_it(api: Api) -> None:
+    """`after` may be any position: another user's, one never used, one beyond the log. It means
+    after the caller's last own event at or before it, so the answer tells nothing of others."""
+    alice, bob = new_user(), new_user()
+    c = await api.create(alice)
+    first = await api.say(alice, c["id"], "one")
+    other = await api.say(bob, (await api.create(bob))["id"], "bob's")
+    last = await api.say(alice, c["id"], "two")
+    await feed_of(api, alice, 3)
+
+    async def positions(after: int) -> list[int]:
+        r = await api.client.get(f"/v1/events?after={after}", headers=auth(alice))
+        assert r.status_code == 200, r.text
+        return [e["position"] for e in r.json()["data"]]
+
+    assert await positions(0) == [c["position"], first["position"], last["position"]]
+    assert await positions(other["position"]) == [last["position"]]  # bob's event: as after alice's `first`
+    assert await positions(other["position"]) == await positions(first["position"])
+    assert await positions(last["position"] + 1_000_000) == []
+    assert await positions(9_223_372_036_854_775_807) == []
+    for bad in ("-1", "9223372036854775808", "x", "1.5"):
+        assert_problem(await api.client.get(f"/v1/events?after={bad}", headers=auth(alice)), 422, "validation_error")
 
 
 # --- authentication ---------------------------------------------------------------------

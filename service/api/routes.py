@@ -267,7 +267,7 @@ async def list_messages(
 async def list_events(
     state: State,
     user: User,
-    after: Annotated[int | None, QueryParameter(ge=1, le=9_223_372_036_854_775_807)] = None,
+    after: Annotated[int | None, QueryParameter(ge=0, le=9_223_372_036_854_775_807)] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=100)] = 100,
     cursor: Cursor = None,
 ) -> schemas.Page[schemas.LogEvent]:
