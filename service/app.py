@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import msgspec
 from litestar import Litestar, get
 from litestar.datastructures import State
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.response import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -56,7 +56,11 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@get("/readyz", tags=["operations"])
+@get(
+    "/readyz",
+    tags=["operations"],
+    responses={503: ResponseSpec(data_container=Readiness, description="not ready (the body says what is missing)")},
+)
 async def readyz(state: State) -> Response[Readiness]:
     """200 when the database answers, the schema is at the newest migration and no projection
     has stopped on an event it could not apply; 503 otherwise. Lists each projection's position
@@ -85,7 +89,11 @@ async def readyz(state: State) -> Response[Readiness]:
     return Response(body, status_code=200 if ready else 503)
 
 
-@get("/metrics", tags=["operations"], media_type=CONTENT_TYPE_LATEST)
+# Litestar adds the charset to a text/ media type itself; Prometheus's own string already has it.
+METRICS_MEDIA_TYPE = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
+
+
+@get("/metrics", tags=["operations"], media_type=METRICS_MEDIA_TYPE)
 async def metrics(state: State) -> Response[bytes]:
     """Prometheus text: events appended, each projection's position and lag."""
     collector: ChatlogCollector = state.metrics_collector
@@ -95,7 +103,7 @@ async def metrics(state: State) -> Response[bytes]:
     except Exception:
         log.warning("metrics could not read projection status", exc_info=True)
         collector.projections = {}
-    return Response(generate_latest(state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(state.metrics_registry), media_type=METRICS_MEDIA_TYPE)
 
 
 def create_app(settings: Settings) -> Litestar:

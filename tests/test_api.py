@@ -420,7 +420,10 @@ async def test_operations_routes_need_no_token(api: Api) -> None:
     ready = await api.client.get("/readyz")
     assert ready.status_code == 200 and "conversations" in ready.json()["projections"]
     await api.create(new_user())
-    metrics = (await api.client.get("/metrics")).text
+    answer = await api.client.get("/metrics")
+    assert answer.headers["content-type"].startswith("text/plain; version=")
+    assert answer.headers["content-type"].count("charset") == 1
+    metrics = answer.text
     assert 'chatlog_http_requests_total{method="POST",route="/v1/conversations",status="201"}' in metrics
     assert "chatlog_http_request_duration_seconds_bucket" in metrics
     assert "chatlog_events_appended_total" in metrics and "chatlog_projection_lag_events" in metrics
@@ -454,3 +457,4 @@ async def test_the_openapi_document_lists_problem_answers_and_no_400(api: Api) -
         for status in ("401", "422", "500"):
             assert "application/problem+json" in responses[status]["content"], (path, method, status)
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert {"200", "503"} <= set(doc["paths"]["/readyz"]["get"]["responses"])

@@ -205,8 +205,11 @@ async def test_bad_message_list_queries_are_422(api: Api, user_events: tuple[str
 async def test_unknown_routes_and_methods_are_problem_documents(api: Api) -> None:
     user = new_user()
     assert_problem(await api.client.get("/v1/nothing-here", headers=auth(user)), 404, "not_found")
-    r = await api.client.put("/v1/conversations", headers=auth(user))
-    assert r.status_code == 405 and r.headers["content-type"].startswith("application/problem+json")
+    for method, path in (("PUT", "/v1/conversations"), ("POST", "/v1/events"), ("GET", "/v1/chat")):
+        r = await api.client.request(method, path, headers=auth(user))
+        # 405 with Allow, and a code from the contract's closed list: there is no such operation
+        assert_problem(r, 405, "not_found")
+        assert method not in r.headers["allow"]
     c = await api.create(user)
     r = await api.client.delete(f"/v1/conversations/{c['id']}?expected_version=x", headers=auth(user))
     assert_problem(r, 422, "validation_error")

@@ -42,7 +42,7 @@ _CODES: Final = {
     400: "validation_error",
     401: "unauthorized",
     404: "not_found",
-    405: "method_not_allowed",
+    405: "not_found",  # no such operation; the contract's codes are a closed list without one for 405
     409: "version_conflict",
     413: "payload_too_large",
     415: "validation_error",
