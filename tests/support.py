@@ -126,6 +126,9 @@ def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert body["status"] == status and body["code"] == code
     assert isinstance(body["type"], str) and isinstance(body["title"], str) and isinstance(body["detail"], str)
     assert "Traceback" not in r.text and "SELECT" not in r.text and "asyncpg" not in r.text
+    if status == 422:  # every 422 lists what is wrong, as the contract's example does
+        assert isinstance(body.get("errors"), list) and body["errors"], body
+        assert all(isinstance(e.get("message"), str) and e["message"] for e in body["errors"]), body
     return dict(body)
 
 

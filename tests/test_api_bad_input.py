@@ -47,6 +47,7 @@ CONVERSATION_BODIES: dict[str, bytes] = {
     "malformed json": _json('{"title": '),
     "invalid utf-8": b'{"title": "\xff\xfe"}',
     "nul byte raw": b'{"title": "a\x00b"}',
+    "empty body": b"",
 }
 
 MESSAGE_BODIES: dict[str, bytes] = {
@@ -131,6 +132,25 @@ async def test_bad_patch_bodies_are_422_and_store_nothing(api: Api, user_events:
     assert await count() == 1
 
 
+async def test_bad_bodies_are_explained(api: Api, user_events: tuple[str, Any]) -> None:
+    user, _ = user_events
+    for body, words in (
+        (b"", "the body is empty"),
+        (_json('{"title": "a\\ud800b"}'), "lone surrogate"),
+        (_json('{"title": '), "not valid JSON"),
+    ):
+        detail = assert_problem(await post(api, "/v1/conversations", body, user), 422, "validation_error")["detail"]
+        assert words in detail, detail
+
+
+async def test_ids_in_the_forms_a_body_takes_are_accepted_in_paths(api: Api) -> None:
+    user = new_user()
+    c = await api.create(user)
+    for form in (c["id"], c["id"].upper(), c["id"].replace("-", "")):
+        r = await api.client.get(f"/v1/conversations/{form}?min_position={c['position']}", headers=auth(user))
+        assert r.status_code == 200 and r.json()["id"] == c["id"]
+
+
 async def test_a_body_over_1_mib_is_413_whether_announced_or_streamed(api: Api, user_events: tuple[str, Any]) -> None:
     user, count = user_events
     body = b'{"title": "' + b"t" * BIG + b'"}'
@@ -172,6 +192,13 @@ async def test_bad_idempotency_keys_are_422(api: Api, user_events: tuple[str, An
         "/v1/conversations/12345",
         "/v1/conversations/" + "a" * 100,
         "/v1/conversations/%00",
+        "/v1/conversations/urn:uuid:0193a2b4-0000-7000-8000-000000000000",
+        "/v1/conversations/%7B0193a2b4-0000-7000-8000-000000000000%7D",
+        "/v1/conversations/0-1-9-3-a-2-b-4-0-0-0-0-7-0-0-0-8-0-0-0-0-0-0-0-0-0-0-0-0-0-0-0",
+        "/v1/search?q=hello&conversation_id=urn:uuid:0193a2b4-0000-7000-8000-000000000000",
+        "/v1/search?q=%FF",
+        "/v1/search?q=lone%ED%A0%80surrogate",
+        "/v1/conversations?cursor=%C3",
         "/v1/conversations/not-a-uuid/messages",
         "/v1/conversations?limit=0",
         "/v1/conversations?limit=101",
@@ -183,7 +210,6 @@ async def test_bad_idempotency_keys_are_422(api: Api, user_events: tuple[str, An
         "/v1/conversations?cursor=",
         "/v1/conversations?cursor=%00",
         "/v1/conversations?cursor=" + "x" * 3000,
-        "/v1/events?after=0",
         "/v1/events?after=-5",
         "/v1/events?limit=101",
         "/v1/events?after=1&cursor=abc",

@@ -13,10 +13,12 @@ import logging
 import re
 import time
 from typing import Any, Final
+from urllib.parse import unquote_to_bytes
 
-from litestar.types import ASGIApp, Message, Receive, Send
+from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Send
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from service.api.problems import PROBLEM_MEDIA_TYPE, problem_document
 from service.ids import uuid7
 
 log = logging.getLogger("chatlog.access")
@@ -73,6 +75,8 @@ def request_context(metrics: RequestMetrics) -> Any:
             scope.setdefault("state", {})["request_id"] = request_id
             id_header = (b"x-request-id", request_id.encode())
             status = 500
+            # Litestar would read a query that is not UTF-8 as U+FFFD and answer as if it were text
+            handler = app if _query_is_utf8(scope["query_string"]) else _refuse_query
 
             async def send_with_id(message: Message) -> None:
                 nonlocal status
@@ -82,7 +86,7 @@ def request_context(metrics: RequestMetrics) -> Any:
                 await send(message)
 
             try:
-                await app(scope, receive, send_with_id)
+                await handler(scope, receive, send_with_id)
             finally:
                 seconds = time.perf_counter() - started
                 route = scope.get("path_template") or "unmatched"
@@ -101,3 +105,26 @@ def request_context(metrics: RequestMetrics) -> Any:
         return middleware
 
     return factory
+
+
+def _query_is_utf8(query: bytes) -> bool:
+    """Whether the query string, percent-decoded, is UTF-8 (and so holds no lone surrogate)."""
+    if b"%" not in query and query.isascii():
+        return True
+    try:
+        unquote_to_bytes(query.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+async def _refuse_query(scope: Any, receive: Receive, send: Send) -> None:
+    body = problem_document(422, "the query string is not valid UTF-8 (or holds a lone surrogate)")
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": 422,
+        "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())],
+    }
+    await send(start)
+    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
+    await send(end)

@@ -61,6 +61,16 @@ def problem(
     headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> Response[bytes]:
+    body = problem_document(status, detail, code=code, errors=errors, **extra)
+    return Response(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers or {})
+
+
+def problem_document(
+    status: int, detail: str, *, code: str | None = None, errors: list[dict[str, Any]] | None = None, **extra: Any
+) -> bytes:
+    """The problem document's JSON (for answers sent below Litestar, as plain ASGI)."""
+    if status == 422 and errors is None:
+        errors = [{"message": detail}]  # every 422 lists what is wrong, as the contract's example does
     body = Problem(
         type=f"https://chatlog.dev/problems/{(code or _CODES.get(status, 'error')).replace('_', '-')}",
         title=_TITLES.get(status, "Error"),
@@ -70,7 +80,7 @@ def problem(
         errors=errors,
         **extra,
     )
-    return Response(msgspec.json.encode(body), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers or {})
+    return msgspec.json.encode(body)
 
 
 def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
@@ -82,7 +92,11 @@ def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Re
 def _plain(error: Any) -> dict[str, Any]:
     if not isinstance(error, dict):
         return {"message": _clean(str(error))}
-    return {k: (_clean(v) if isinstance(v, str) else v) for k, v in error.items() if k in ("key", "message", "source")}
+    plain = {k: (_clean(v) if isinstance(v, str) else v) for k, v in error.items() if k in ("key", "message", "source")}
+    if plain.get("message") == f"'{plain.get('key')}'":  # Litestar's KeyError text for a missing value
+        key = plain["key"]
+        plain["message"] = "the body is empty: a JSON object is expected" if key == "data" else f"{key} is missing"
+    return plain
 
 
 def _clean(text: str) -> str:
@@ -98,7 +112,13 @@ def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes
     if isinstance(exc, NotAuthorizedException):
         return problem(401, _clean(exc.detail), headers={"WWW-Authenticate": "Bearer"})
     detail = _clean(exc.detail) if exc.detail else _TITLES.get(status, "Error")
+    if exc.status_code == 400 and detail.startswith(_JSON_ERRORS):
+        # msgspec's words; a high surrogate escape without its low half reads as "truncated"
+        detail = f"the body is not valid JSON, or holds a lone surrogate: {detail}"
     return problem(status, detail, headers=exc.headers)
+
+
+_JSON_ERRORS: Final = ("Input data was truncated", "JSON is malformed")
 
 
 def _internal(request: Request[Any, Any, Any] | None, exc: Exception) -> Response[bytes]:
@@ -152,4 +172,4 @@ def answer_for(request: Request[Any, Any, Any] | None, exc: Exception) -> Respon
     return _internal(request, exc)
 
 
-__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_MEDIA_TYPE", "answer_for", "problem"]
+__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_MEDIA_TYPE", "answer_for", "problem", "problem_document"]

@@ -51,11 +51,15 @@ ConversationId = Annotated[str, PathParameter(description="a conversation id (UU
 
 
 def parse_uuid(value: str) -> uuid.UUID:
-    """A malformed id is a validation error (422), not a missing route (404)."""
+    """A malformed id is a validation error (422), not a missing route (404).
+
+    The forms a JSON body's ids take (msgspec's): canonical, in either case, or its 32 hex digits;
+    not the braces, `urn:uuid:` or stray hyphens that `uuid.UUID` also lets through."""
     try:
-        return uuid.UUID(value)
-    except ValueError:
+        parsed: uuid.UUID = msgspec.convert(value, uuid.UUID)
+    except msgspec.ValidationError:
         raise BadRequest("not a valid conversation id (a UUID)", field="conversation_id") from None
+    return parsed
 
 
 Limit = Annotated[int, QueryParameter(ge=1, le=100, description="page size (1-100)")]
