@@ -231,8 +231,13 @@ def owner_lexeme(user_id_sql: str) -> str:
 
 
 def search_vector(config_sql: str, content_sql: str, user_id_sql: str) -> str:
-    """SQL for a message's search vector: its words in `config_sql`, and its owner."""
-    return f"to_tsvector({config_sql}, {content_sql}) || array_to_tsvector(ARRAY[{owner_lexeme(user_id_sql)}])"
+    """SQL for a message's search vector: its words in `config_sql`, and its owner.
+
+    `<` is read as a space: PostgreSQL's parser takes `<String>` in `Vec<String>`, or `<b>`, for
+    an HTML tag and leaves out the word in it, and chat is full of code. (Queries need no such
+    care: the query parser does not read tags.)"""
+    words = f"to_tsvector({config_sql}, translate({content_sql}, '<', ' '))"
+    return f"{words} || array_to_tsvector(ARRAY[{owner_lexeme(user_id_sql)}])"
 
 
 def _insert_messages(table: str) -> str:

@@ -168,6 +168,37 @@ async def test_a_projected_message_is_found_by_a_word_in_it(store: EventStore, r
     assert await matching(raw_dsn, "cat") == []
 
 
+CODE = "use Vec<String> or HashMap<Key, Value>, and <b>bold</b>"
+
+
+async def test_words_between_angle_brackets_are_found(store: EventStore, raw_dsn: str) -> None:
+    stream = uuid7()
+    await store.append("alice", stream, [ConversationStarted()])
+    await store.append("alice", stream, [message(CODE), message("x<y")])
+    await catch_up(raw_dsn)
+    for words in ("String", "Vec<String>", "key value", "bold", "<b>bold</b>"):
+        assert await matching(raw_dsn, words) == [CODE], words
+    assert await matching(raw_dsn, "y") == ["x<y"]
+
+
+async def test_migration_0005_reindexes_messages_with_angle_brackets_and_back(
+    store: EventStore, raw_dsn: str, db_url: str
+) -> None:
+    stream = uuid7()
+    await store.append("alice", stream, [ConversationStarted()])
+    await store.append("alice", stream, [message(CODE), message("plain words")])
+    await catch_up(raw_dsn)
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        await downgrade(engine, "0004_search_owner")
+        assert await matching(raw_dsn, "String") == [] and await matching(raw_dsn, "plain") == ["plain words"]
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+    assert await matching(raw_dsn, "String") == [CODE]
+    await assert_verified(db_url)  # the same vectors as a fresh fold makes
+
+
 async def test_replay_rebuilds_the_search_vectors_and_verify_finds_a_hand_edited_one(
     store: EventStore, raw_dsn: str, db_url: str
 ) -> None:
