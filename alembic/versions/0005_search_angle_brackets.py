@@ -15,6 +15,7 @@ back on downgrade.
 import os
 
 import sqlalchemy as sa
+
 from alembic import op
 
 revision = "0005_search_angle_brackets"
