@@ -29,9 +29,10 @@ QUOTE_CHARS: Final = 1000
 
 class AssistantError(Exception):
     """The assistant failed to give a reply (502 assistant_error). The chat sets
-    `conversation_id`, where the user's message stays stored."""
+    `conversation_id`, where the user's message stays stored, and `position`, that message's."""
 
     conversation_id: uuid.UUID | None = None
+    position: int | None = None
 
 
 class PromptMessage(msgspec.Struct, frozen=True):

@@ -56,8 +56,8 @@ class Chat:
     def __init__(self, settings: Settings, store: EventStore, heads: commands.ConversationHeads, assistant: Assistant):
         assert settings.database_url
         self.store, self.heads, self.assistant = store, heads, assistant
-        self.max_messages = max(1, settings.chat_history_messages)
-        self.max_chars = settings.chat_history_chars
+        self.max_messages = settings.chat_history_messages or None  # None: no cap
+        self.max_chars = settings.chat_history_chars or None
         self.locks = ConnectionPool(settings.database_url, size=settings.chat_concurrency)
 
     async def aclose(self) -> None:
@@ -92,10 +92,14 @@ def title_from(message: str) -> str:
     return (cut[:space] if space > TITLE_CHARS // 2 else cut).rstrip() + "…"
 
 
-def prompt_from(events: Sequence[RecordedEvent], max_messages: int, max_chars: int) -> Prompt:
-    """The conversation's messages for the assistant: every system message, then the newest
-    others while both caps allow (the newest one always)."""
+def prompt_from(events: Sequence[RecordedEvent], max_messages: int | None, max_chars: int | None) -> Prompt:
+    """The conversation's messages for the assistant: all of them, or, with caps, every system
+    message, then the newest others while both caps allow (the newest one always)."""
     messages = [PromptMessage(e.event.role, e.event.content) for e in events if isinstance(e.event, MessageAppended)]
+    if max_messages is None and max_chars is None:
+        return Prompt(messages=messages, conversation_messages=len(messages))
+    max_messages = len(messages) if max_messages is None else max_messages
+    max_chars = sum(len(m.content) for m in messages) if max_chars is None else max_chars
     system = [m for m in messages if m.role == "system"]
     budget_messages = max_messages - len(system)
     budget_chars = max_chars - sum(len(m.content) for m in system)
@@ -153,7 +157,7 @@ async def chat(
         try:
             return await _reply(chat, user_id, conversation_id, asked, idempotency, on_delta)
         except AssistantError as exc:
-            exc.conversation_id = conversation_id
+            exc.conversation_id, exc.position = conversation_id, asked
             raise
 
 

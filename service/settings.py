@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 from urllib.parse import parse_qsl, urlencode
 
 import msgspec
@@ -47,8 +47,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     openai_model: str = "gpt-4o-mini"
     openai_connect_timeout: float = 5.0
     openai_read_timeout: float = 60.0
-    chat_history_messages: int = 100  # the prompt keeps system messages and the newest turns ...
-    chat_history_chars: int = 100_000  # ... within both caps
+    # 0: the prompt is the conversation's full history (the contract). Otherwise it keeps the
+    # system messages and the newest others within both caps (for a model's context window).
+    chat_history_messages: Annotated[int, msgspec.Meta(ge=0)] = 0
+    chat_history_chars: Annotated[int, msgspec.Meta(ge=0)] = 0
     chat_concurrency: int = 16  # chat turns in flight per process (each holds a connection for its lock)
     # MCP: each tool result is cut to this many characters of JSON
     mcp_result_chars: int = 20_000

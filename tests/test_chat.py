@@ -74,6 +74,17 @@ def message_texts(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, s
 # -- the echo assistant (the default), end to end --------------------------------------------
 
 
+async def test_the_prompt_is_the_full_history_by_default(api: Api) -> None:
+    """The contract: the prompt is the conversation's full history (caps are opt-in settings)."""
+    user = new_user()
+    c = await api.create(user)
+    for i in range(120):
+        await api.say(user, c["id"], f"note {i} " + "x" * 1000)
+    r = await chat(api, user, "how much do you see?", conversation_id=c["id"])
+    assert r.status_code == 200, r.text
+    assert "holds 121 messages (I was shown the newest 121)" in r.json()["messages"][1]["content"]
+
+
 async def test_echo_chat_starts_a_conversation_and_answers_from_its_history(api: Api) -> None:
     user = new_user()
     r = await chat(api, user, "Which museums are in Oslo?\nAnd which are free?")
@@ -224,6 +235,21 @@ async def test_a_failing_assistant_answers_502_and_keeps_only_the_users_message(
     events = await stored(llm, user)
     assert message_texts(events) == [("user", f"please {word}")]
     assert problem["conversation_id"] == await _stream_of(llm, user)  # where the message stays
+    assert problem["position"] == await _last_position(llm, user)  # and its position, to read it back at once
+    r = await llm.client.get(
+        f"/v1/conversations/{problem['conversation_id']}/messages?min_position={problem['position']}",
+        headers=auth(user),
+    )
+    assert [m["content"] for m in r.json()["data"]] == [f"please {word}"]
+
+
+async def _last_position(api: Api, user: str) -> int:
+    dsn = make_url(api.db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT max(position) FROM events WHERE user_id = $1", user))
+    finally:
+        await conn.close()
 
 
 async def _stream_of(api: Api, user: str) -> str:

@@ -156,7 +156,7 @@ EXCEPTION_HANDLERS: Final[dict[int | type[Exception], Any]] = {
     Unauthorized: lambda r, e: problem(401, _clean(str(e)), headers={"WWW-Authenticate": "Bearer"}),
     NotReady: lambda r, e: problem(503, str(e), headers={"Retry-After": str(e.retry_after)}),
     AssistantError: lambda r, e: problem(
-        502, _clean(str(e)), code="assistant_error", conversation_id=e.conversation_id
+        502, _clean(str(e)), code="assistant_error", conversation_id=e.conversation_id, position=e.position
     ),
     Exception: _internal,
 }

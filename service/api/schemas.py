@@ -97,3 +97,4 @@ class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
     errors: list[dict[str, Any]] | None = None
     current_version: int | None = None
     conversation_id: uuid.UUID | None = None  # assistant_error: where the user's message is stored
+    position: int | None = None  # assistant_error: the user's message's (for min_position)
