@@ -270,9 +270,12 @@ async def test_a_deleted_conversation_vanishes_from_every_read_but_its_events_st
     await api.say(user, c["id"], "bye")
     r = await api.client.delete(f"/v1/conversations/{c['id']}", headers=auth(user))
     assert r.status_code == 204 and r.content == b""
+    deleted_at = int(r.headers["chatlog-position"])  # a 204 has no body: the position is a header
+    listed = await api.client.get(f"/v1/conversations?min_position={deleted_at}", headers=auth(user))
+    assert listed.json()["data"] == []  # read-your-writes at once
     feed = await feed_of(api, user, 3)
     assert [e["type"] for e in feed] == ["conversation.started", "message.appended", "conversation.deleted"]
-    deleted_at = feed[-1]["position"]
+    assert feed[-1]["position"] == deleted_at
     for url in (f"/v1/conversations/{c['id']}?min_position={deleted_at}", f"/v1/conversations/{c['id']}/messages"):
         assert_problem(await api.client.get(url, headers=auth(user)), 404, "not_found")
     assert (await api.client.get(f"/v1/conversations?min_position={deleted_at}", headers=auth(user))).json()[

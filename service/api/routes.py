@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from litestar import Request, Response, delete, get, patch, post
-from litestar.datastructures import State
+from litestar.datastructures import ResponseHeader, State
 from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
@@ -209,14 +209,26 @@ async def update_conversation(
     status_code=204,
     summary="Delete a conversation",
     responses=problems(404, 409, 422),
+    response_headers=[
+        ResponseHeader(
+            name="Chatlog-Position",
+            description="the position of the deletion's event (for min_position)",
+            documentation_only=True,
+        )
+    ],
 )
 async def delete_conversation(
     state: State,
     user: User,
     conversation_id: ConversationId,
     expected_version: Annotated[int | None, QueryParameter(ge=0, le=2_147_483_647)] = None,
-) -> None:
-    await commands.delete_conversation(state.store, state.heads, user, parse_uuid(conversation_id), expected_version)
+) -> Response[None]:
+    """A 204 has no body, so the deletion's position (every write has one) is in a header, for
+    `min_position` on the reads that follow."""
+    position = await commands.delete_conversation(
+        state.store, state.heads, user, parse_uuid(conversation_id), expected_version
+    )
+    return Response(None, status_code=204, headers={"Chatlog-Position": str(position)})
 
 
 @post(
