@@ -4,33 +4,42 @@ One `MCPServer` (the official `mcp` SDK) with four tools that call the same comm
 as the HTTP routes, so limits, idempotency and isolation are the API's own. It is served two ways:
 
 - Streamable HTTP at `/mcp` in the Litestar app (`mount`), stateless, behind the same bearer
-  tokens: a request without a valid token is answered 401 before it reaches the SDK, and each
-  tool call reads its user from its own request's token again.
+  tokens and body limit: a request without a valid token (401), with a body over the limit (413)
+  or by another method than POST (405) is answered before it reaches the SDK, and each tool call
+  reads its user from its own request's token again.
 - stdio, for local agents, as one fixed user (`chatlog mcp --user USER`).
 
-Results are compact JSON for a model's context: a page stays within `CHATLOG_MCP_RESULT_CHARS`.
-Long texts are cut to fit (a cut one says so and how long it is); when the items still do not
-fit, the page holds fewer of them and its cursor goes on from there. Errors are tool errors
-whose text is the problem document the HTTP API would answer (`code`, `status`, `detail`).
+Arguments are validated strictly against each tool's advertised JSON schema. Results are compact
+JSON for a model's context: a page stays within `CHATLOG_MCP_RESULT_CHARS`. Long texts are cut to
+fit (a cut one says so and how long it is); when the items still do not fit, the page holds fewer
+of them and its cursor goes on from there. Errors are tool errors whose text is exactly the
+problem document the HTTP API would answer (`code`, `status`, `detail`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar, cast
 
 import msgspec
+from litestar import Response
 from litestar.datastructures import Headers
+from litestar.enums import ScopeType
 from litestar.handlers import asgi
-from litestar.types import Receive, Scope, Send
+from litestar.types import HTTPReceiveMessage, Receive, ReceiveMessage, Scope, Send
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult, InputRequiredResult, TextContent
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from service import commands, queries
 from service import search as searching
@@ -40,7 +49,7 @@ from service.api.problems import answer_for, problem
 from service.api.routes import parse_uuid
 from service.auth import TokenError, TokenVerifier
 from service.connections import ConnectionPool
-from service.errors import BadRequest
+from service.errors import Unauthorized
 from service.eventstore import EventStore
 from service.settings import Settings
 
@@ -75,27 +84,80 @@ class Tools:
         self.user_of = user_of
 
 
+_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
+
+
+class _StrictArguments(BaseModel):
+    """Mixed into each tool's argument model: the arguments are taken as the advertised JSON
+    schema says (it says so too, `additionalProperties: false`): JSON types exactly (no "5",
+    5.0 or true for an integer), no unknown names; and, as everywhere in the API, no string
+    with a NUL character or a lone surrogate (which the /mcp endpoint turns into NULs)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _clean(cls, value: Any) -> Any:
+        if isinstance(value, str) and _UNSTORABLE.search(value):
+            raise PydanticCustomError("string_unstorable", "contains a NUL character or a lone surrogate")
+        return value
+
+
+class _StrictMetadata(FuncMetadata):
+    """The SDK's argument handling, minus its leniency: it would parse a string argument as JSON
+    first (so that a cursor "null" became no cursor) and coerce types."""
+
+    def validate_arguments(self, arguments_to_validate: dict[str, Any]) -> dict[str, Any]:
+        return self.arg_model.model_validate(arguments_to_validate).model_dump_one_level()
+
+
 class _Server(MCPServer):
-    """The SDK's server, with arguments that break a tool's JSON schema answered like every other
-    bad input: a tool error holding the 422 `validation_error` problem document, naming each field
-    (the SDK's own message is pydantic's text); an unknown tool is a 404 `not_found` one."""
+    """The SDK's server, with every tool's arguments validated strictly against its schema, and
+    every failure answered as a tool error whose text is exactly the problem document the HTTP
+    API would answer: arguments that break the schema are 422 `validation_error` naming each
+    field, an unknown tool 404 `not_found`, a domain error its own, a crash 500 `internal`."""
+
+    def add_tool(self, fn: Callable[..., Any], name: str | None = None, *args: Any, **options: Any) -> None:
+        super().add_tool(fn, name, *args, **options)
+        tool = self._tool_manager.get_tool(name or fn.__name__)
+        assert tool is not None
+        loose = tool.fn_metadata
+        bases = (loose.arg_model, _StrictArguments)
+        model = cast(type[ArgModelBase], type(loose.arg_model.__name__, bases, {"__module__": __name__}))
+        tool.fn_metadata = _StrictMetadata(
+            arg_model=model,
+            output_schema=loose.output_schema,
+            output_model=loose.output_model,
+            wrap_output=loose.wrap_output,
+        )
+        tool.parameters = model.model_json_schema(by_alias=True)
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context | None = None
     ) -> CallToolResult | InputRequiredResult:
         if self._tool_manager.get_tool(name) is None:
-            raise ToolError(problem(404, f"Unknown tool: {name}").content.decode())
+            return _error(problem(404, f"Unknown tool: {name}"))
         try:
             return await super().call_tool(name, arguments, context)
-        except ToolError as exc:
-            if not isinstance(exc.__cause__, ValidationError) or isinstance(exc, UnexpectedToolError):
-                raise
-            errors = [
-                {"key": ".".join(str(part) for part in e["loc"]) or "arguments", "message": e["msg"]}
-                for e in exc.__cause__.errors(include_url=False, include_input=False)
-            ]
-            detail = "; ".join(f"{e['key']}: {e['message']}" for e in errors)
-            raise ToolError(problem(422, detail, errors=errors).content.decode()) from exc
+        except MCPError:
+            raise
+        except ToolError as exc:  # the SDK's wrapper around what validation, or the tool, raised
+            cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+            if isinstance(cause, ValidationError) and not isinstance(exc, UnexpectedToolError):
+                return _error(_invalid(cause))
+            return _error(answer_for(None, cause))
+
+
+def _invalid(exc: ValidationError) -> Response[bytes]:
+    errors = [
+        {"key": ".".join(str(part) for part in e["loc"]) or "arguments", "message": e["msg"]}
+        for e in exc.errors(include_url=False, include_input=False)
+    ]
+    return problem(422, "; ".join(f"{e['key']}: {e['message']}" for e in errors), errors=errors)
+
+
+def _error(answer: Response[bytes]) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=answer.content.decode())], is_error=True)
 
 
 def build_server(tools: Tools) -> MCPServer:
@@ -104,15 +166,10 @@ def build_server(tools: Tools) -> MCPServer:
 
     async def run(ctx: Context, call: Callable[[str], Awaitable[dict[str, Any]]]) -> CallToolResult:
         """A tool's body, for the caller, as compact JSON text (and the same as structured
-        content); any error as the HTTP API's problem document."""
-        try:
-            result = await call(await tools.user_of(ctx))
-            text = msgspec.json.encode(result).decode()
-            return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=result)
-        except ToolError:
-            raise
-        except Exception as exc:
-            raise ToolError(answer_for(None, exc).content.decode()) from exc
+        content). What it raises, `_Server.call_tool` answers."""
+        result = await call(await tools.user_of(ctx))
+        text = msgspec.json.encode(result).decode()
+        return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=result)
 
     @server.tool(
         description=(
@@ -182,7 +239,6 @@ def build_server(tools: Tools) -> MCPServer:
         cursor: Cursor = None,
     ) -> CallToolResult:
         async def call(user: str) -> dict[str, Any]:
-            _clean("query", query)
             cid = parse_uuid(conversation_id) if conversation_id is not None else None
             scope = searching.cursor_scope(query, cid, role)
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
@@ -324,11 +380,6 @@ def _hit(r: searching.SearchResult, chars: int) -> dict[str, Any]:
     return _fit(item, "snippet", chars)
 
 
-def _clean(name: str, value: str) -> None:
-    if "\x00" in value or any("\ud800" <= ch <= "\udfff" for ch in value):
-        raise BadRequest(f"{name} contains a NUL character or a lone surrogate", field=name)
-
-
 # -- Streamable HTTP in the Litestar app --------------------------------------------------------
 
 
@@ -338,7 +389,7 @@ def http_user(verifier: TokenVerifier) -> Callable[[Context], Awaitable[str]]:
         try:
             return await verifier.user_of(headers.get("authorization") if headers is not None else None)
         except TokenError as exc:
-            raise ToolError(problem(401, str(exc)).content.decode()) from None
+            raise Unauthorized(str(exc)) from None
 
     return user_of
 
@@ -357,17 +408,106 @@ def session_manager(server: MCPServer) -> StreamableHTTPSessionManager:
 
 @asgi("/mcp", is_mount=True, copy_scope=True)
 async def mount(scope: Scope, receive: Receive, send: Send) -> None:
-    """/mcp: the bearer token is checked here (401 without a valid one), then the SDK answers."""
+    """/mcp: POST only (stateless, there is no stream to GET); the bearer token is checked here
+    (401 without a valid one); the body is read here, within the API's size limit (413 above it,
+    processing nothing); then the SDK answers."""
     state = scope["litestar_app"].state
+    if scope["type"] != ScopeType.HTTP or scope["method"] != "POST":
+        detail = "POST JSON-RPC messages here: the endpoint is stateless, with no stream to GET nor session to end"
+        await _send(problem(405, detail, headers={"Allow": "POST"}), scope, receive, send)
+        return
     verifier: TokenVerifier = state.verifier
     try:
         await verifier.user_of(Headers.from_scope(scope).get("authorization"))
     except TokenError as exc:
-        answer = problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"})
-        await answer.to_asgi_response(app=None, request=None)(scope, receive, send)  # type: ignore[arg-type]
+        await _send(problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"}), scope, receive, send)
+        return
+    settings: Settings = state.settings
+    try:
+        body = await _body(scope, receive, settings.max_body_bytes)
+    except _TooLarge:
+        await _send(problem(413, f"the body is over {settings.max_body_bytes} bytes"), scope, receive, send)
+        return
+    except _Disconnected:
         return
     manager: StreamableHTTPSessionManager = state.mcp
-    await manager.handle_request(scope, receive, send)  # type: ignore[arg-type]
+    await manager.handle_request(scope, _replay(_without_lone_surrogates(body), receive), send)  # type: ignore[arg-type]
+
+
+async def _send(answer: Response[bytes], scope: Scope, receive: Receive, send: Send) -> None:
+    await answer.to_asgi_response(app=None, request=None)(scope, receive, send)  # type: ignore[arg-type]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def _body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request body, read no further than `limit` bytes: an announced length over it is
+    refused before reading, a streamed one as soon as it goes over."""
+    announced = Headers.from_scope(scope).get("content-length")
+    if announced is not None and announced.isdigit() and int(announced) > limit:
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = cast(HTTPReceiveMessage, await receive())
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the SDK: the body read already, then whatever else comes (a disconnect)."""
+    pending = True
+
+    async def replayed() -> ReceiveMessage:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(body: bytes) -> bytes:
+    """`body` with each lone surrogate in its strings (valid JSON: an escape such as \\ud800
+    without its other half) made a NUL, which every tool refuses as 422 naming the argument; the
+    SDK's JSON parser would refuse the whole message instead. A body that is not JSON is left for
+    the SDK to answer as such."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return body
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return body
+    cleaned = _nul_for_lone_surrogates(message)
+    return body if cleaned == message else json.dumps(cleaned, ensure_ascii=False).encode()
+
+
+def _nul_for_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\x00", value)
+    if isinstance(value, list):
+        return [_nul_for_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_nul_for_lone_surrogates(k): _nul_for_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 # -- stdio, for one local user ---------------------------------------------------------------------

@@ -11,12 +11,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import httpx2
 import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
+from mcp.server.mcpserver import Context
 
+from service.api.cursors import Cursors
+from service.commands import ConversationHeads
+from service.connections import ConnectionPool
+from service.eventstore import EventStore
+from service.mcp import Tools, build_server
+from service.settings import Settings
 from tests.support import SECRET, Api, assert_problem, auth, new_user, token
 
 TOOLS = {"list_conversations", "get_messages", "search_messages", "append_message"}
@@ -56,7 +64,25 @@ async def failure(client: Client, tool: str, **arguments: Any) -> str:
 
 def problem_code(text: str) -> str:
     """The `code` of the problem document a tool error carries."""
-    return str(json.loads(text[text.index("{") :])["code"])
+    return str(json.loads(text)["code"])
+
+
+RPC_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+async def rpc(api: Api, user: str, body: bytes | AsyncIterator[bytes]) -> httpx.Response:
+    """A raw JSON-RPC POST to /mcp, as a client that does not use the SDK sends it."""
+    return await api.client.post("/mcp", content=body, headers=auth(user) | RPC_HEADERS)
+
+
+def tool_call(tool: str, arguments: dict[str, Any], *, raw: dict[str, bytes] | None = None) -> bytes:
+    """The JSON-RPC body of a tools/call; each `raw` key's quoted string is swapped for its JSON text."""
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": arguments}}
+    ).encode()
+    for marker, text in (raw or {}).items():
+        body = body.replace(f'"{marker}"'.encode(), b'"' + text + b'"')
+    return body
 
 
 async def seeded(api: Api, user: str, *contents: str) -> tuple[str, int]:
@@ -203,16 +229,11 @@ async def test_bad_arguments_are_tool_errors_and_the_server_carries_on(api: Api)
             text = await failure(client, tool, **arguments)
             assert "Traceback" not in text and "SELECT" not in text
             assert problem_code(text) == "validation_error", (tool, text)
-            assert field in {e["key"] for e in json.loads(text[text.index("{") :])["errors"]}, (tool, text)
+            assert field in {e["key"] for e in json.loads(text)["errors"]}, (tool, text)
         unknown = await failure(client, "drop_everything")
         assert "Unknown tool" in unknown and problem_code(unknown) == "not_found"
-        # A lone surrogate cannot even be sent by the SDK's client; raw, it is refused as JSON.
-        r = await api.client.post(
-            "/mcp",
-            content=b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "append_message", '
-            b'"arguments": {"conversation_id": "' + cid.encode() + b'", "content": "lone \\ud800"}}}',
-            headers=auth(user) | {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"},
-        )
+        # Not JSON at all: a JSON-RPC parse error, as the protocol says.
+        r = await rpc(api, user, b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": ')
         assert r.status_code < 500 and r.json()["error"]["code"] == -32700
         still = await call(client, "get_messages", conversation_id=cid)
         assert [m["content"] for m in still["messages"]] == ["hello"]
@@ -306,3 +327,178 @@ async def test_stdio_needs_a_sane_user(api: Api) -> None:
     )
     _, err = await proc.communicate()
     assert proc.returncode == 2 and b"--user" in err
+
+
+async def test_arguments_must_match_the_advertised_schema_exactly(api: Api) -> None:
+    """No coercion ("5", 5.0 or true for an integer), no unknown names: the 422 problem, naming
+    each field; and a string is taken as given, never parsed as JSON first."""
+    user = new_user()
+    cid, position = await seeded(api, user, "hello")
+    await caught_up(api, user, position)
+    async with over_http(api, user) as client:
+        schemas = {t.name: t.input_schema for t in (await client.list_tools()).tools}
+        assert all(schema["additionalProperties"] is False for schema in schemas.values()), schemas
+        wrong = [
+            ("get_messages", {"conversation_id": cid, "limit": "5"}, "limit"),
+            ("get_messages", {"conversation_id": cid, "limit": 5.0}, "limit"),
+            ("get_messages", {"conversation_id": cid, "limit": True}, "limit"),
+            ("get_messages", {"conversation_id": cid, "order": 1}, "order"),
+            ("get_messages", {"conversation_id": cid, "bogus": 1}, "bogus"),
+            ("get_messages", {"conversation_id": cid, "ctx": {}}, "ctx"),
+            ("list_conversations", {"limit": 2.0}, "limit"),
+            ("list_conversations", {"cursor": 7}, "cursor"),
+            ("search_messages", {"query": 5}, "query"),
+            ("search_messages", {"query": "hello", "role": True}, "role"),
+            ("search_messages", {"query": "hello", "limit": "1"}, "limit"),
+            ("append_message", {"conversation_id": cid, "content": 5}, "content"),
+            ("append_message", {"conversation_id": cid, "content": "x", "metadata": {"a": "b"}}, "metadata"),
+            ("append_message", {"conversation_id": cid, "content": "x", "idempotency_key": 12}, "idempotency_key"),
+            ("append_message", {"conversation_id": cid, "content": "x", "bogus": 1, "limit": "5"}, "bogus"),
+        ]
+        for tool, arguments, field in wrong:
+            document = json.loads(await failure(client, tool, **arguments))
+            assert (document["status"], document["code"]) == (422, "validation_error"), (tool, arguments, document)
+            assert field in {e["key"] for e in document["errors"]}, (tool, arguments, document)
+        # A string that happens to be JSON is still that string.
+        text = await failure(client, "search_messages", query="hello", conversation_id="null")
+        assert problem_code(text) == "validation_error"  # a malformed id, not "every conversation"
+        added = await call(client, "append_message", conversation_id=cid, content="keyed", idempotency_key="[1]")
+        again = await call(client, "append_message", conversation_id=cid, content="keyed", idempotency_key="[1]")
+        assert again == added
+        await caught_up(api, user, added["position"])
+        seen = await call(client, "get_messages", conversation_id=cid, limit=5, order="desc")
+    assert [m["content"] for m in seen["messages"]] == ["keyed", "hello"]
+
+
+async def test_every_tool_error_text_is_exactly_the_problem_document(api: Api) -> None:
+    owner, user = new_user(), new_user()
+    foreign, _ = await seeded(api, owner, "not yours")
+    cid, _ = await seeded(api, user)
+    async with over_http(api, user) as client:
+        await call(client, "append_message", conversation_id=cid, content="once", idempotency_key="k-9")
+        cases = [
+            ("get_messages", {"conversation_id": foreign}, 404, "not_found"),
+            ("append_message", {"conversation_id": foreign, "content": "x"}, 404, "not_found"),
+            ("get_messages", {"conversation_id": "0193a0b4-0000-7000-8000-000000000000"}, 404, "not_found"),
+            ("drop_everything", {}, 404, "not_found"),
+            ("get_messages", {"conversation_id": "not-a-uuid"}, 422, "validation_error"),
+            ("get_messages", {"conversation_id": cid, "cursor": "forged.cursor"}, 422, "validation_error"),
+            ("list_conversations", {"cursor": "forged.cursor"}, 422, "validation_error"),
+            ("append_message", {"conversation_id": cid, "content": "nul \u0000"}, 422, "validation_error"),
+            (
+                "append_message",
+                {"conversation_id": cid, "content": "x", "idempotency_key": "é"},
+                422,
+                "validation_error",
+            ),
+            ("list_conversations", {"limit": 0}, 422, "validation_error"),
+            (
+                "append_message",
+                {"conversation_id": cid, "content": "twice", "idempotency_key": "k-9"},
+                422,
+                "idempotency_mismatch",
+            ),
+        ]
+        for tool, arguments, status, code in cases:
+            result = await client.call_tool(tool, arguments)
+            assert result.is_error, (tool, arguments, result.content)
+            text = result.content[0].text  # type: ignore[union-attr]
+            document = json.loads(text)  # the text is the problem document, nothing around it
+            assert (document["status"], document["code"]) == (status, code), (tool, arguments, document)
+            assert isinstance(document["title"], str) and isinstance(document["detail"], str)
+            assert document["type"].startswith("https://") and "Error executing" not in text
+
+
+async def test_an_unexpected_error_in_a_tool_is_the_internal_problem_document(caplog: pytest.LogCaptureFixture) -> None:
+    """A crash (here: a closed pool) answers the 500 problem, with nothing of the exception in it."""
+    pool = ConnectionPool("postgresql+asyncpg://chatlog@127.0.0.1:1/none", size=1)
+    await pool.close()
+
+    async def fixed_user(ctx: Context) -> str:
+        return "someone"
+
+    settings = Settings(database_url="postgresql+asyncpg://chatlog@127.0.0.1:1/none", jwt_secret=SECRET)
+    tools = Tools(settings, pool, EventStore(pool), ConversationHeads(), Cursors(SECRET), fixed_user)
+    async with Client(build_server(tools)) as client:
+        result = await client.call_tool("list_conversations", {})
+    assert result.is_error
+    text = result.content[0].text  # type: ignore[union-attr]
+    document = json.loads(text)
+    assert (document["status"], document["code"]) == (500, "internal")
+    assert "closed" not in text and "Error executing" not in text
+    assert "unhandled error in an MCP tool" in caplog.text
+
+
+async def test_an_mcp_body_over_the_limit_is_413_whether_announced_or_streamed(api: Api) -> None:
+    """1 MiB (CHATLOG_MAX_BODY_BYTES) holds for /mcp too; above it nothing is processed."""
+    user = new_user()
+    cid, _ = await seeded(api, user)
+    limit = 1_048_576
+
+    def padded(content: str, size: int) -> bytes:  # whitespace is valid JSON: only the size is wrong
+        body = tool_call("append_message", {"conversation_id": cid, "content": content})
+        return body[:-1] + b" " * (size - len(body)) + b"}"
+
+    over = padded("over the limit", limit + 1)
+    assert_problem(await rpc(api, user, over), 413, "payload_too_large")
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the limit holds on what arrives
+        for start in range(0, len(over), 65536):
+            yield over[start : start + 65536]
+
+    assert_problem(await rpc(api, user, chunks()), 413, "payload_too_large")
+    at_limit = await rpc(api, user, padded("at the limit", limit))
+    assert at_limit.status_code == 200 and not at_limit.json()["result"]["isError"], at_limit.text
+    position = json.loads(at_limit.json()["result"]["content"][0]["text"])["position"]
+    await caught_up(api, user, position)
+    async with over_http(api, user) as client:
+        seen = await call(client, "get_messages", conversation_id=cid)
+    assert [m["content"] for m in seen["messages"]] == ["at the limit"]
+
+
+async def test_a_lone_surrogate_in_any_string_argument_is_a_422_tool_error(api: Api) -> None:
+    user = new_user()
+    cid, _ = await seeded(api, user)
+    cases = [
+        ("append_message", {"conversation_id": cid, "content": "LONE"}, "content"),
+        ("append_message", {"conversation_id": cid, "content": "x", "role": "LONE"}, "role"),
+        ("append_message", {"conversation_id": cid, "content": "x", "idempotency_key": "LONE"}, "idempotency_key"),
+        ("append_message", {"conversation_id": "LONE", "content": "x"}, "conversation_id"),
+        ("get_messages", {"conversation_id": cid, "cursor": "LONE"}, "cursor"),
+        ("get_messages", {"conversation_id": cid, "order": "LONE"}, "order"),
+        ("list_conversations", {"cursor": "LONE"}, "cursor"),
+        ("search_messages", {"query": "LONE"}, "query"),
+        ("search_messages", {"query": "x", "conversation_id": "LONE"}, "conversation_id"),
+        ("search_messages", {"query": "x", "role": "LONE"}, "role"),
+    ]
+    for escape in (b"a\\ud800b", b"\\uDC00", b"\\udc00\\ud800", b"nul \\u0000"):
+        for tool, arguments, field in cases:
+            r = await rpc(api, user, tool_call(tool, arguments, raw={"LONE": escape}))
+            assert r.status_code == 200, (tool, field, escape, r.text)
+            result = r.json()["result"]
+            assert result["isError"] is True, (tool, field, escape, result)
+            document = json.loads(result["content"][0]["text"])
+            assert (document["status"], document["code"]) == (422, "validation_error"), (tool, field, document)
+            assert "a NUL character or a lone surrogate" in document["detail"], (tool, field, document)
+            assert field in {e["key"] for e in document["errors"]}, (tool, field, document)
+    # A surrogate pair is one character, and fine; the body is parsed as JSON, not as text.
+    body = tool_call("append_message", {"conversation_id": cid, "content": "PAIR"}, raw={"PAIR": b"\\ud83d\\ude00"})
+    r = await rpc(api, user, body)
+    assert r.status_code == 200 and not r.json()["result"]["isError"], r.text
+    stored = json.loads(r.json()["result"]["content"][0]["text"])
+    assert stored["content"] == "\U0001f600" and stored["seq"] == 1  # and nothing before it
+    r = await rpc(api, user, b'{"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": "\\ud800')
+    assert r.status_code < 500 and r.json()["error"]["code"] == -32700
+
+
+async def test_get_on_mcp_is_405_as_there_is_no_stream_to_offer(api: Api) -> None:
+    user = new_user()
+    code = (await api.client.put("/v1/conversations", headers=auth(user))).json()["code"]  # the API's 405 code
+    for method in ("GET", "DELETE", "PUT"):
+        headers = auth(user) | {"Accept": "text/event-stream"}
+        async with api.client.stream(method, "/mcp", headers=headers, timeout=5) as r:
+            await r.aread()
+        assert_problem(r, 405, code)
+        assert r.headers["allow"] == "POST"
+    async with over_http(api, user) as client:  # and the SDK's client, which only POSTs, carries on
+        assert (await call(client, "list_conversations"))["conversations"] == []
