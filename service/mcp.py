@@ -66,6 +66,14 @@ INSTRUCTIONS: Final = (
 Role = Literal["user", "assistant", "system", "tool"]
 ConversationId = Annotated[str, Field(description="a conversation id (UUID), as listed by list_conversations")]
 Cursor = Annotated[str | None, Field(description="next_cursor of the previous page; omit for the first page")]
+MinPosition = Annotated[
+    int | None,
+    Field(
+        ge=1,
+        le=9_223_372_036_854_775_807,
+        description="read your writes: answer once this position (an append's) is readable (waits seconds at most)",
+    ),
+]
 
 
 class Tools:
@@ -164,6 +172,11 @@ def build_server(tools: Tools) -> MCPServer:
     server = _Server(name="chatlog", instructions=INSTRUCTIONS, log_level="WARNING")
     budget = tools.settings.mcp_result_chars
 
+    async def readable(min_position: int | None) -> None:
+        """As the HTTP reads' `min_position`: 503 `not_ready` if it is not readable in time."""
+        if min_position is not None:
+            await queries.wait_for_position(tools.pool, min_position, tools.settings.read_wait_seconds)
+
     async def run(ctx: Context, call: Callable[[str], Awaitable[dict[str, Any]]]) -> CallToolResult:
         """A tool's body, for the caller, as compact JSON text (and the same as structured
         content). What it raises, `_Server.call_tool` answers."""
@@ -181,8 +194,10 @@ def build_server(tools: Tools) -> MCPServer:
         ctx: Context,
         limit: Annotated[int, Field(ge=1, le=100, description="conversations per page (1-100)")] = 20,
         cursor: Cursor = None,
+        min_position: MinPosition = None,
     ) -> CallToolResult:
         async def call(user: str) -> dict[str, Any]:
+            await readable(min_position)
             scope = "conversations:desc"  # the HTTP list's own cursors work here, and back
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
 
@@ -207,9 +222,11 @@ def build_server(tools: Tools) -> MCPServer:
         limit: Annotated[int, Field(ge=1, le=100, description="messages per page (1-100)")] = 20,
         cursor: Cursor = None,
         order: Annotated[Literal["asc", "desc"], Field(description="asc: oldest first; desc: newest first")] = "asc",
+        min_position: MinPosition = None,
     ) -> CallToolResult:
         async def call(user: str) -> dict[str, Any]:
             cid = parse_uuid(conversation_id)
+            await readable(min_position)
             scope = f"messages:{cid}:{order}"
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
 
@@ -237,9 +254,11 @@ def build_server(tools: Tools) -> MCPServer:
         role: Annotated[Role | None, Field(description="only messages of this role")] = None,
         limit: Annotated[int, Field(ge=1, le=100, description="hits per page (1-100)")] = 10,
         cursor: Cursor = None,
+        min_position: MinPosition = None,
     ) -> CallToolResult:
         async def call(user: str) -> dict[str, Any]:
             cid = parse_uuid(conversation_id) if conversation_id is not None else None
+            await readable(min_position)
             scope = searching.cursor_scope(query, cid, role)
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
 

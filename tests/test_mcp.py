@@ -502,3 +502,21 @@ async def test_get_on_mcp_is_405_as_there_is_no_stream_to_offer(api: Api) -> Non
         assert r.headers["allow"] == "POST"
     async with over_http(api, user) as client:  # and the SDK's client, which only POSTs, carries on
         assert (await call(client, "list_conversations"))["conversations"] == []
+
+
+async def test_reads_take_min_position_to_see_an_append_at_once(api: Api) -> None:
+    user = new_user()
+    cid, _ = await seeded(api, user)
+    async with over_http(api, user) as client:
+        for i in range(5):
+            added = await call(client, "append_message", conversation_id=cid, content=f"note {i} about quokkas")
+            at = added["position"]
+            newest = await call(client, "get_messages", conversation_id=cid, order="desc", limit=1, min_position=at)
+            assert [m["content"] for m in newest["messages"]] == [f"note {i} about quokkas"]
+            listed = await call(client, "list_conversations", min_position=at)
+            assert listed["conversations"][0]["message_count"] == i + 1
+            found = await call(client, "search_messages", query=f"note {i}", min_position=at)
+            assert found["results"] and found["results"][0]["seq"] == i + 1
+        text = await failure(client, "get_messages", conversation_id=cid, min_position=at + 1_000_000)
+        assert problem_code(text) == "not_ready"
+        assert problem_code(await failure(client, "list_conversations", min_position=0)) == "validation_error"
