@@ -382,11 +382,14 @@ def project_process(env: dict[str, str], *names: str) -> subprocess.Popen[str]:
 
 
 async def backend_of_active_worker(raw_dsn: str) -> tuple[int, int] | None:
-    """(backend pid, client pid) of the connection holding the projection's advisory lock."""
+    """(backend pid, client pid) of the connection holding the projection's advisory lock, in this
+    test's database (pg_locks spans the server, which may run other chatlogs)."""
     rows = await query(
         raw_dsn,
         "SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-        "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name LIKE 'chatlog-projection-conversations%'",
+        "WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database() "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND a.application_name LIKE 'chatlog-projection-conversations%'",
     )
     if not rows:
         return None
@@ -414,7 +417,7 @@ async def test_a_worker_killed_mid_batch_restarts_to_an_exact_fold(
             rows = await query(
                 raw_dsn,
                 "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'chatlog-projection-%' "
-                "AND wait_event_type = 'Lock'",
+                "AND wait_event_type = 'Lock' AND datname = current_database()",
             )
             return bool(rows)
 
