@@ -244,19 +244,18 @@ async def test_a_failing_assistant_answers_502_and_keeps_only_the_users_message(
 
 
 async def _last_position(api: Api, user: str) -> int:
-    dsn = make_url(api.db_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval("SELECT max(position) FROM events WHERE user_id = $1", user))
-    finally:
-        await conn.close()
+    return int(await _from_log(api, "SELECT max(position) FROM events WHERE user_id = $1", user))
 
 
 async def _stream_of(api: Api, user: str) -> str:
+    return str(await _from_log(api, "SELECT stream_id FROM events WHERE user_id = $1 LIMIT 1", user))
+
+
+async def _from_log(api: Api, sql: str, user: str) -> Any:
     dsn = make_url(api.db_url).set(drivername="postgresql").render_as_string(hide_password=False)
     conn = await asyncpg.connect(dsn)
     try:
-        return str(await conn.fetchval("SELECT stream_id FROM events WHERE user_id = $1 LIMIT 1", user))
+        return await conn.fetchval(sql, user)
     finally:
         await conn.close()
 
