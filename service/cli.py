@@ -109,6 +109,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     settings = resolve_database(settings)
     assert settings.database_url
+    _check_search_config(settings)  # migrations re-index messages in it (0005)
     if args.downgrade:
         asyncio.run(_migrate(settings.database_url, args.downgrade, down=True))
         print(f"downgraded to {args.downgrade}")

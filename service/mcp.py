@@ -427,19 +427,19 @@ def session_manager(server: MCPServer) -> StreamableHTTPSessionManager:
 
 @asgi("/mcp", is_mount=True, copy_scope=True)
 async def mount(scope: Scope, receive: Receive, send: Send) -> None:
-    """/mcp: POST only (stateless, there is no stream to GET); the bearer token is checked here
-    (401 without a valid one); the body is read here, within the API's size limit (413 above it,
+    """/mcp: the bearer token is checked here (401 without a valid one); POST only (stateless,
+    there is no stream to GET); the body is read here, within the API's size limit (413 above it,
     processing nothing); then the SDK answers."""
     state = scope["litestar_app"].state
-    if scope["type"] != ScopeType.HTTP or scope["method"] != "POST":
-        detail = "POST JSON-RPC messages here: the endpoint is stateless, with no stream to GET nor session to end"
-        await _send(problem(405, detail, headers={"Allow": "POST"}), scope, receive, send)
-        return
     verifier: TokenVerifier = state.verifier
     try:
         await verifier.user_of(Headers.from_scope(scope).get("authorization"))
     except TokenError as exc:
         await _send(problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"}), scope, receive, send)
+        return
+    if scope["type"] != ScopeType.HTTP or scope["method"] != "POST":
+        detail = "POST JSON-RPC messages here: the endpoint is stateless, with no stream to GET nor session to end"
+        await _send(problem(405, detail, headers={"Allow": "POST"}), scope, receive, send)
         return
     settings: Settings = state.settings
     try:
@@ -468,9 +468,9 @@ class _Disconnected(Exception):
 async def _body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The request body, read no further than `limit` bytes: an announced length over it is
     refused before reading, a streamed one as soon as it goes over."""
-    announced = Headers.from_scope(scope).get("content-length")
-    if announced is not None and announced.isdigit() and int(announced) > limit:
-        raise _TooLarge
+    announced = (Headers.from_scope(scope).get("content-length") or "").lstrip("0")
+    if announced.isascii() and announced.isdigit() and (len(announced) > 18 or int(announced) > limit):
+        raise _TooLarge  # (a length of thousands of digits would be too long for int())
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -513,10 +513,14 @@ def _without_lone_surrogates(body: bytes) -> bytes:
         return body
     try:
         message = json.loads(body)
-    except ValueError:
+        cleaned = _nul_for_lone_surrogates(message)
+        if cleaned == message:
+            return body
+    except (ValueError, RecursionError):  # not JSON, or nested too deep: the SDK refuses it as such
         return body
-    cleaned = _nul_for_lone_surrogates(message)
-    return body if cleaned == message else json.dumps(cleaned, ensure_ascii=False).encode()
+    # Re-serialised: numbers Python reads differently (1e400 as inf) would then make the SDK
+    # refuse the whole message rather than one argument; a NUL-checked string is what matters.
+    return json.dumps(cleaned, ensure_ascii=False).encode()
 
 
 def _nul_for_lone_surrogates(value: Any) -> Any:

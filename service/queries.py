@@ -161,15 +161,21 @@ def _int_keyset(after: list[Any]) -> int:
 
 async def checkpoint_after(conn: asyncpg.Connection, user_id: str, position: int) -> Checkpoint:
     """The feed's place for `after=position`: just after the user's own event at that position,
-    or, for any other position, after the user's last event at or before it (the start of the
-    log if there is none, as for 0). So the answer depends on the user's own events alone: a
-    position of another user's event, one never used, and one beyond the log's end are alike."""
-    row = await conn.fetchrow(
-        "SELECT tx_id, position FROM events WHERE user_id = $2 AND position <= $1 ORDER BY position DESC LIMIT 1",
-        position,
-        user_id,
-    )
+    or, for any other position, after the user's last event (in commit order) of those at or
+    before it; the start of the log if there is none, as for 0. So the answer depends on the
+    user's own events alone: a position of another user's event, one never used, and one beyond
+    the log's end are alike. Both lookups are bounded by the user's own events (the primary key,
+    then the (user_id, tx_id, position) index backwards), never a walk through other users'."""
+    row = await conn.fetchrow(_CHECKPOINT_AFTER, position, user_id)
     return Checkpoint() if row is None else Checkpoint(int(row[0]), row[1])
+
+
+_CHECKPOINT_AFTER = """
+SELECT tx_id, position FROM events WHERE position = $1 AND user_id = $2
+UNION ALL
+(SELECT tx_id, position FROM events WHERE user_id = $2 AND position <= $1 ORDER BY tx_id DESC, position DESC LIMIT 1)
+LIMIT 1
+"""
 
 
 async def list_events(

@@ -140,7 +140,13 @@ def test_a_database_url_chatlog_cannot_use_is_reported(tmp_path: Path, url: str)
 
 @pytest.mark.parametrize(
     ("command", "config"),
-    [("serve", "klingon"), ("project", "klingon"), ("replay", "a.b.c.d"), ("verify", "db.schema.cfg")],
+    [
+        ("serve", "klingon"),
+        ("migrate", "klingon"),
+        ("project", "klingon"),
+        ("replay", "a.b.c.d"),
+        ("verify", "db.schema.cfg"),
+    ],
 )
 def test_an_unknown_search_configuration_stops_the_command_at_once(
     tmp_path: Path, db_url: str, command: str, config: str

@@ -491,6 +491,33 @@ async def test_a_lone_surrogate_in_any_string_argument_is_a_422_tool_error(api: 
     assert r.status_code < 500 and r.json()["error"]["code"] == -32700
 
 
+async def test_malformed_bodies_and_headers_on_mcp_are_never_a_500(api: Api) -> None:
+    user = new_user()
+    deep = "[" * 5000 + "]" * 5000  # deeper than any JSON parser's recursion limit
+    for body in (
+        b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "list_conversations", '
+        b'"arguments": {"cursor": "\\ud800"}, "x": ' + deep.encode() + b"}}",
+        b'{"a": "\\ud800", "b": ' + deep.encode() + b"}",
+    ):
+        r = await rpc(api, user, body)
+        assert r.status_code < 500, r.text
+    # A Content-Length of thousands of digits (a zero-padded 1) is read as 1, not a crash.
+    host, port = api.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"POST /mcp HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token(user)}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {'0' * 5000}1\r\n\r\n{{".encode()
+        )
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert int(status.split()[1]) < 500, status
+    # Without a token, any method is 401 first.
+    assert_problem(await api.client.get("/mcp"), 401, "unauthorized")
+
+
 async def test_get_on_mcp_is_405_as_there_is_no_stream_to_offer(api: Api) -> None:
     user = new_user()
     code = (await api.client.put("/v1/conversations", headers=auth(user))).json()["code"]  # the API's 405 code

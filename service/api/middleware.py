@@ -74,19 +74,22 @@ def request_context(metrics: RequestMetrics) -> Any:
                 request_id = str(uuid7())
             scope.setdefault("state", {})["request_id"] = request_id
             id_header = (b"x-request-id", request_id.encode())
-            status = 500
+            status = 500  # if the app fails without answering (the server then answers 500)
             # Litestar would read a query that is not UTF-8 as U+FFFD and answer as if it were text
             handler = app if _query_is_utf8(scope["query_string"]) else _refuse_query
+            responded = False
 
             async def send_with_id(message: Message) -> None:
-                nonlocal status
+                nonlocal status, responded
                 if message["type"] == "http.response.start":
-                    status = message["status"]
+                    status, responded = message["status"], True
                     message["headers"] = [*message.get("headers", ()), id_header]
                 await send(message)
 
             try:
                 await handler(scope, receive, send_with_id)
+                if not responded:
+                    status = 499  # the client went away before an answer (nginx's "client closed request")
             finally:
                 seconds = time.perf_counter() - started
                 route = scope.get("path_template") or "unmatched"

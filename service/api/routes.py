@@ -57,7 +57,7 @@ def parse_uuid(value: str) -> uuid.UUID:
     not the braces, `urn:uuid:` or stray hyphens that `uuid.UUID` also lets through."""
     try:
         parsed: uuid.UUID = msgspec.convert(value, uuid.UUID)
-    except msgspec.ValidationError:
+    except (msgspec.ValidationError, UnicodeEncodeError):  # the latter: a lone surrogate
         raise BadRequest("not a valid conversation id (a UUID)", field="conversation_id") from None
     return parsed
 
