@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jwt
 
+from service.events import EventValidationError
+from service.eventstore import validate_user_id
 from service.settings import Settings
 
 SECRET_FILE = "jwt_secret"  # noqa: S105 (a file name, not a secret)
@@ -132,9 +134,13 @@ class TokenVerifier:
             )
         except jwt.PyJWTError as exc:
             raise TokenError(f"invalid bearer token: {exc}") from exc
-        sub = claims.get("sub")
-        if not isinstance(sub, str) or not 1 <= len(sub) <= 255 or "\x00" in sub or not _encodable(sub):
-            raise TokenError("the token's sub must be a string of 1 to 255 characters, without NUL or lone surrogates")
+        sub: str = claims["sub"]  # present: PyJWT requires it; validate_user_id checks it is a str
+        try:
+            validate_user_id(sub)  # what the log takes as a user id
+        except EventValidationError:
+            raise TokenError(
+                "the token's sub must be a string of 1 to 255 characters, without NUL or lone surrogates"
+            ) from None
         until = min(float(claims["exp"]), time.time() + self.remember_seconds)
         with self._lock:
             self._verified[token] = (sub, until)
@@ -147,12 +153,3 @@ def bearer(authorization: str | None) -> str | None:
     """The token of an `Authorization: Bearer <token>` header value, if any."""
     scheme, _, token = (authorization or "").partition(" ")
     return (token.strip() or None) if scheme.lower() == "bearer" else None
-
-
-def _encodable(text: str) -> bool:
-    """Whether `text` is valid Unicode text (no lone surrogate, which JSON escapes can carry)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -45,7 +45,7 @@ from service import commands, queries
 from service import search as searching
 from service.api import schemas
 from service.api.cursors import Cursors
-from service.api.problems import answer_for, problem
+from service.api.problems import answer_for, problem, send_problem
 from service.api.routes import parse_uuid
 from service.auth import TokenError, TokenVerifier
 from service.connections import ConnectionPool
@@ -435,26 +435,22 @@ async def mount(scope: Scope, receive: Receive, send: Send) -> None:
     try:
         await verifier.user_of(Headers.from_scope(scope).get("authorization"))
     except TokenError as exc:
-        await _send(problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"}), scope, receive, send)
+        await send_problem(problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"}), scope, receive, send)
         return
     if scope["type"] != ScopeType.HTTP or scope["method"] != "POST":
         detail = "POST JSON-RPC messages here: the endpoint is stateless, with no stream to GET nor session to end"
-        await _send(problem(405, detail, headers={"Allow": "POST"}), scope, receive, send)
+        await send_problem(problem(405, detail, headers={"Allow": "POST"}), scope, receive, send)
         return
     settings: Settings = state.settings
     try:
         body = await _body(scope, receive, settings.max_body_bytes)
     except _TooLarge:
-        await _send(problem(413, f"the body is over {settings.max_body_bytes} bytes"), scope, receive, send)
+        await send_problem(problem(413, f"the body is over {settings.max_body_bytes} bytes"), scope, receive, send)
         return
     except _Disconnected:
         return
     manager: StreamableHTTPSessionManager = state.mcp
     await manager.handle_request(scope, _replay(_without_lone_surrogates(body), receive), send)  # type: ignore[arg-type]
-
-
-async def _send(answer: Response[bytes], scope: Scope, receive: Receive, send: Send) -> None:
-    await answer.to_asgi_response(app=None, request=None)(scope, receive, send)  # type: ignore[arg-type]
 
 
 class _TooLarge(Exception):

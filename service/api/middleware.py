@@ -15,10 +15,10 @@ import time
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
-from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Send
+from litestar.types import ASGIApp, Message, Receive, Send
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from service.api.problems import PROBLEM_MEDIA_TYPE, problem_document
+from service.api.problems import problem, send_problem
 from service.ids import uuid7
 
 log = logging.getLogger("chatlog.access")
@@ -122,12 +122,5 @@ def _query_is_utf8(query: bytes) -> bool:
 
 
 async def _refuse_query(scope: Any, receive: Receive, send: Send) -> None:
-    body = problem_document(422, "the query string is not valid UTF-8 (or holds a lone surrogate)")
-    start: HTTPResponseStartEvent = {
-        "type": "http.response.start",
-        "status": 422,
-        "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())],
-    }
-    await send(start)
-    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
-    await send(end)
+    answer = problem(422, "the query string is not valid UTF-8 (or holds a lone surrogate)")
+    await send_problem(answer, scope, receive, send)

@@ -14,6 +14,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.types import Receive, Scope, Send
 
 from service.api.schemas import Problem
 from service.assistants import AssistantError
@@ -61,14 +62,6 @@ def problem(
     headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> Response[bytes]:
-    body = problem_document(status, detail, code=code, errors=errors, **extra)
-    return Response(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers or {})
-
-
-def problem_document(
-    status: int, detail: str, *, code: str | None = None, errors: list[dict[str, Any]] | None = None, **extra: Any
-) -> bytes:
-    """The problem document's JSON (for answers sent below Litestar, as plain ASGI)."""
     if status == 422 and errors is None:
         errors = [{"message": detail}]  # every 422 lists what is wrong, as the contract's example does
     body = Problem(
@@ -80,7 +73,12 @@ def problem_document(
         errors=errors,
         **extra,
     )
-    return msgspec.json.encode(body)
+    return Response(msgspec.json.encode(body), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers or {})
+
+
+async def send_problem(answer: Response[bytes], scope: Scope, receive: Receive, send: Send) -> None:
+    """Send a `problem` answer from plain ASGI code, below Litestar's handlers (middleware, mounts)."""
+    await answer.to_asgi_response(app=None, request=None)(scope, receive, send)  # type: ignore[arg-type]
 
 
 def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
@@ -172,4 +170,4 @@ def answer_for(request: Request[Any, Any, Any] | None, exc: Exception) -> Respon
     return _internal(request, exc)
 
 
-__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_MEDIA_TYPE", "answer_for", "problem", "problem_document"]
+__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_MEDIA_TYPE", "answer_for", "problem", "send_problem"]
