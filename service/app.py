@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from projections import PROJECTIONS, select
 from projections.worker import ProjectionStatus, Worker, WorkerSettings, projection_status
-from service import mcp
+from service import mcp, page
 from service.api.chat import ROUTES as CHAT_ROUTES
 from service.api.chat import document_stream
 from service.api.cursors import Cursors
@@ -136,7 +136,7 @@ def create_app(settings: Settings) -> Litestar:
             await pool.close()
 
     app = Litestar(
-        route_handlers=[healthz, readyz, metrics, *ROUTES, *CHAT_ROUTES, *SEARCH_ROUTES, mcp.mount],
+        route_handlers=[healthz, readyz, metrics, *ROUTES, *CHAT_ROUTES, *SEARCH_ROUTES, *page.ROUTES, mcp.mount],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
@@ -164,6 +164,7 @@ def create_app(settings: Settings) -> Litestar:
                 "verifier": TokenVerifier(settings),
                 "heads": ConversationHeads(),
                 "cursors": Cursors(settings.cursor_secret or jwt_secret(settings)),
+                "page_assets": page.load_assets(),
             }
         ),
     )

@@ -245,8 +245,17 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     if args.ttl <= 0:
         print("chatlog token: --ttl must be a positive number of seconds", file=sys.stderr)
         return 2
-    print(mint_token(jwt_secret(settings), args.user, args.ttl))
+    token = mint_token(jwt_secret(settings), args.user, args.ttl)
+    print(f"{page_address(settings)}#token={token}" if args.url else token)
     return 0
+
+
+def page_address(settings: Settings) -> str:
+    """The chat page's address for `serve` with these settings (a wildcard host as loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(settings.host, settings.host)  # noqa: S104
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}/"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="print a development JWT for USER")
     token.add_argument("user", metavar="USER", help="the token's subject (1-255 characters)")
     token.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="lifetime (default 3600)")
+    token.add_argument(
+        "--url", action="store_true", help="print a link to the chat page that signs in with it (CHATLOG_HOST/PORT)"
+    )
     token.set_defaults(func=cmd_token)
     return parser
 
