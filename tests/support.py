@@ -66,13 +66,15 @@ async def serve_api(
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
     env.update(
-        CHATLOG_DATABASE_URL=db_url,
-        CHATLOG_DATA_DIR=str(tmp_path_factory.mktemp("api-data")),
-        CHATLOG_JWT_SECRET=SECRET,
-        CHATLOG_PROJECTION_POLL_INTERVAL="0.05",
-        CHATLOG_READ_WAIT_SECONDS="1",
-        CHATLOG_LOG_LEVEL="WARNING",
-        **settings,
+        {
+            "CHATLOG_DATABASE_URL": db_url,
+            "CHATLOG_DATA_DIR": str(tmp_path_factory.mktemp("api-data")),
+            "CHATLOG_JWT_SECRET": SECRET,
+            "CHATLOG_PROJECTION_POLL_INTERVAL": "0.05",
+            "CHATLOG_READ_WAIT_SECONDS": "1",
+            "CHATLOG_LOG_LEVEL": "WARNING",
+            **settings,
+        }
     )
     served = serve(env, port, tmp_path_factory.mktemp("api-log") / "serve.log")
     client = Api(served.base_url, db_url)

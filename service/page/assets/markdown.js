@@ -1,35 +1,41 @@
-// Message text as sanitised Markdown. marked turns it into HTML, DOMPurify keeps only harmless
-// markup, and then nothing in it may fetch from anywhere: images become links (the reader
-// chooses to follow one), and a link opens in a new tab without a referrer. Code blocks are
-// highlighted and get a copy button.
+// Message text as sanitised Markdown. marked turns it into HTML, with two rules of ours: HTML
+// written in a message is shown as the text it is (as chat products do), and an image becomes a
+// link (nothing loads from another host unless the reader follows it). DOMPurify then keeps only
+// harmless markup, links open in a new tab without a referrer, and code blocks are highlighted
+// and get a copy button. The page's CSP ('self' only, no inline script) stands behind all this.
 import { marked } from "./vendor/marked.esm.js";
 import DOMPurify from "./vendor/purify.es.mjs";
 import hljs from "./vendor/highlight.min.js";
 
-marked.use({ gfm: true, breaks: true });
+const SAFE_LINK = /^(https?:|mailto:)/i;
+
+function escapeHtml(text) {
+  return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+marked.use({
+  gfm: true,
+  breaks: true,
+  renderer: {
+    html: ({ text }) => escapeHtml(text),
+    image: ({ href, text }) => {
+      const label = `Image: ${escapeHtml(text || "untitled")}`;
+      return SAFE_LINK.test(href || "") ? `<a href="${escapeHtml(href)}">${label}</a>` : label;
+    },
+  },
+});
 
 const PURIFY = {
-  FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select", "option", "iframe", "video", "audio",
+  FORBID_TAGS: ["img", "style", "form", "input", "button", "textarea", "select", "option", "iframe", "video", "audio",
     "source", "picture", "svg", "math", "link", "meta", "base"],
-  FORBID_ATTR: ["style", "srcset", "background", "poster", "id", "name", "class"],
+  FORBID_ATTR: ["style", "srcset", "background", "poster", "id", "name"],
   ALLOW_DATA_ATTR: false,
   RETURN_DOM_FRAGMENT: true,
 };
-const SAFE_LINK = /^(https?:|mailto:)/i;
-
-function plain(text) {
-  return document.createTextNode(text);
-}
 
 /** `text` as a fragment of sanitised, highlighted Markdown. */
 export function renderMarkdown(text) {
   const fragment = DOMPurify.sanitize(marked.parse(text, { async: false }), PURIFY);
-  for (const img of fragment.querySelectorAll("img")) {
-    const src = img.getAttribute("src") || "";
-    const label = `🖼 ${img.getAttribute("alt") || "image"}`;
-    const replacement = SAFE_LINK.test(src) ? link(src, label) : plain(label);
-    img.replaceWith(replacement);
-  }
   for (const a of fragment.querySelectorAll("a")) {
     const href = a.getAttribute("href") || "";
     if (!SAFE_LINK.test(href)) {
@@ -44,15 +50,6 @@ export function renderMarkdown(text) {
     wrapCodeBlock(code.parentElement);
   }
   return fragment;
-}
-
-function link(href, label) {
-  const a = document.createElement("a");
-  a.href = href;
-  a.textContent = label;
-  a.target = "_blank";
-  a.rel = "noopener noreferrer nofollow";
-  return a;
 }
 
 function highlight(code) {
@@ -75,7 +72,7 @@ function wrapCodeBlock(pre) {
   copy.type = "button";
   copy.className = "copy-code";
   copy.textContent = "Copy code";
-  copy.addEventListener("click", () => copyText(pre.textContent, copy));
+  copy.addEventListener("click", () => copyText(pre.textContent.replace(/\n$/, ""), copy));
   box.append(copy, pre);
 }
 
