@@ -13,11 +13,12 @@ import gzip
 import hashlib
 import mimetypes
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 from litestar import Request, get
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
+from litestar.params import PathParameter
 from litestar.response import Response
 
 ROOT: Final = Path(__file__).resolve().parent / "page"
@@ -84,7 +85,7 @@ def page(request: Request[Any, Any, State], state: State) -> Response[bytes]:
 
 
 @get("/assets/{name:path}", include_in_schema=False, sync_to_thread=False)
-def asset(request: Request[Any, Any, State], state: State, name: str) -> Response[bytes]:
+def asset(request: Request[Any, Any, State], state: State, name: Annotated[str, PathParameter()]) -> Response[bytes]:
     found: Asset | None = state.page_assets.get(name.lstrip("/")) if name.strip("/") else None
     if found is None:
         raise NotFoundException("no such asset")

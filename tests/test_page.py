@@ -40,11 +40,14 @@ try:
 except ImportError:  # pragma: no cover - the [test] extra installs it
     async_playwright = None
 
+if os.environ.get("CHATLOG_TEST_REQUIRE_BROWSER") and (async_playwright is None or not Path(CHROMIUM).exists()):
+    raise RuntimeError(f"CHATLOG_TEST_REQUIRE_BROWSER is set, but Playwright or Chromium ({CHROMIUM}) is missing")
+
 pytestmark = [
     pytest.mark.skipif(async_playwright is None, reason="Playwright is not installed (pip install -e '.[test]')"),
     pytest.mark.skipif(
         not Path(CHROMIUM).exists(),
-        reason=f"no Chromium at {CHROMIUM}: apt-get install chromium (or set CHATLOG_TEST_CHROMIUM) to run the browser tests",
+        reason=f"no Chromium at {CHROMIUM}: apt-get install chromium (or set CHATLOG_TEST_CHROMIUM) to run these",
     ),
 ]
 
@@ -218,9 +221,8 @@ async def test_the_cli_link_signs_in_and_the_token_leaves_the_address_bar(web: W
     port = str(urlsplit(site.base_url).port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
     env.update(CHATLOG_JWT_SECRET=SECRET, CHATLOG_PORT=port)
-    link = subprocess.run(
-        [sys.executable, "-m", "service.cli", "token", user, "--url"], env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    command = [sys.executable, "-m", "service.cli", "token", user, "--url"]
+    link = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert link.startswith(f"http://127.0.0.1:{port}/#token=")
 
     page = web.page
@@ -595,11 +597,8 @@ async def test_the_page_and_its_assets_are_served_gzipped_from_this_origin_only(
 
 def test_the_page_is_in_the_wheel(tmp_path: Path, project_root: Path) -> None:
     """`pip install .` ships the page: build the wheel and look inside."""
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(project_root)],
-        check=True,
-        capture_output=True,
-    )
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
+    subprocess.run([*command, str(project_root)], check=True, capture_output=True)
     import zipfile
 
     (wheel,) = tmp_path.glob("chatlog-*.whl")
