@@ -15,6 +15,7 @@ from tests.support import Api, assert_problem, auth, new_user
 
 NUL, SURROGATE = "\u0000", "\ud800"
 BIG = 1024 * 1024 + 1
+DEEP = 100_000  # levels of nesting: far past any recursive JSON decoder's stack
 
 
 def _json(raw: str) -> bytes:
@@ -48,6 +49,8 @@ CONVERSATION_BODIES: dict[str, bytes] = {
     "invalid utf-8": b'{"title": "\xff\xfe"}',
     "nul byte raw": b'{"title": "a\x00b"}',
     "empty body": b"",
+    "deeply nested metadata": _json('{"metadata": ' + "[" * DEEP + "]" * DEEP + "}"),
+    "deeply nested body": _json("[" * DEEP),
 }
 
 MESSAGE_BODIES: dict[str, bytes] = {
@@ -70,6 +73,8 @@ MESSAGE_BODIES: dict[str, bytes] = {
     "expected_version huge": _json('{"role": "user", "content": "x", "expected_version": 99999999999}'),
     "unknown field": _json('{"role": "user", "content": "x", "seq": 7}'),
     "malformed json": _json('{"role": "user", "content": "x"'),
+    "deeply nested metadata": _json('{"role": "user", "content": "x", "metadata": ' + "[" * DEEP + "]" * DEEP + "}"),
+    "deeply nested objects": _json('{"role": "user", "content": "x", "metadata": ' + '{"a":' * DEEP + "1" + "}" * DEEP + "}"),
 }
 
 PATCH_BODIES: dict[str, bytes] = {
@@ -79,6 +84,7 @@ PATCH_BODIES: dict[str, bytes] = {
     "17 metadata keys": _json('{"metadata": {' + ", ".join(f'"k{i}": "v"' for i in range(17)) + "}}"),
     "unknown field": _json('{"message_count": 0}'),
     "expected_version a float": _json('{"title": "x", "expected_version": 1.5}'),
+    "deeply nested metadata": _json('{"metadata": ' + "[" * DEEP + "]" * DEEP + "}"),
 }
 
 
@@ -129,6 +135,18 @@ async def test_bad_patch_bodies_are_422_and_store_nothing(api: Api, user_events:
         headers=auth(user) | {"content-type": "application/json"},
     )
     assert_problem(r, 422, "validation_error")
+    assert await count() == 1
+
+
+async def test_deeply_nested_json_is_422_on_the_chat_route_too(api: Api, user_events: tuple[str, Any]) -> None:
+    user, count = user_events
+    c = await api.create(user)
+    for body in (
+        _json('{"message": "x", "conversation_id": "' + c["id"] + '", "x": ' + "[" * DEEP + "]" * DEEP + "}"),
+        _json("{" + '"a": {' * DEEP),
+    ):
+        detail = assert_problem(await post(api, "/v1/chat", body, user), 422, "validation_error")["detail"]
+        assert "nested too deeply" in detail or "not valid JSON" in detail, detail
     assert await count() == 1
 
 

@@ -133,6 +133,14 @@ def _internal(request: Request[Any, Any, Any] | None, exc: Exception) -> Respons
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "an internal error occurred; it has been logged")
 
 
+def _recursion(request: Request[Any, Any, Any] | None, exc: RecursionError) -> Response[bytes]:
+    """msgspec decodes nested JSON on the stack: a body nested deeper than it allows is bad input.
+    Any other RecursionError is a defect of ours."""
+    if "deserializing" in str(exc):
+        return problem(422, "the JSON body is nested too deeply")
+    return _internal(request, exc)
+
+
 EXCEPTION_HANDLERS: Final[dict[int | type[Exception], Any]] = {
     ValidationException: _validation,
     HTTPException: _http,
@@ -151,6 +159,7 @@ EXCEPTION_HANDLERS: Final[dict[int | type[Exception], Any]] = {
     ),
     # Litestar meets a body that is not UTF-8 before any handler: bad input, not a server error.
     UnicodeDecodeError: lambda r, e: problem(422, "the body is not valid UTF-8"),
+    RecursionError: _recursion,
     Unauthorized: lambda r, e: problem(401, _clean(str(e)), headers={"WWW-Authenticate": "Bearer"}),
     NotReady: lambda r, e: problem(503, str(e), headers={"Retry-After": str(e.retry_after)}),
     AssistantError: lambda r, e: problem(
