@@ -74,7 +74,9 @@ MESSAGE_BODIES: dict[str, bytes] = {
     "unknown field": _json('{"role": "user", "content": "x", "seq": 7}'),
     "malformed json": _json('{"role": "user", "content": "x"'),
     "deeply nested metadata": _json('{"role": "user", "content": "x", "metadata": ' + "[" * DEEP + "]" * DEEP + "}"),
-    "deeply nested objects": _json('{"role": "user", "content": "x", "metadata": ' + '{"a":' * DEEP + "1" + "}" * DEEP + "}"),
+    "deeply nested objects": _json(
+        '{"role": "user", "content": "x", "metadata": ' + '{"a":' * DEEP + "1" + "}" * DEEP + "}"
+    ),
 }
 
 PATCH_BODIES: dict[str, bytes] = {
