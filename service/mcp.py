@@ -388,6 +388,7 @@ def _conversation(c: schemas.Conversation, chars: int) -> dict[str, Any]:
 def _hit(r: searching.SearchResult, chars: int) -> dict[str, Any]:
     m = r.message
     item = {
+        "id": str(m.id),  # the message's: an agent cites it, or reads around it with get_messages
         "conversation_id": str(m.conversation_id),
         "conversation_title": r.conversation_title,
         "seq": m.seq,

@@ -143,6 +143,8 @@ async def test_every_tool_over_each_transport(api: Api, transport: str) -> None:
 
         hits = await call(client, "search_messages", query="tent")
         assert {h["seq"] for h in hits["results"]} == {1, 3}
+        ids = {m["seq"]: m["id"] for m in first["messages"] + rest["messages"]}
+        assert all(h["id"] == ids[h["seq"]] for h in hits["results"])  # a hit names its message
         assert all("<mark>tent</mark>" in h["snippet"] and h["conversation_id"] == cid for h in hits["results"])
         only_first = await call(client, "search_messages", query="tent", limit=1)
         assert len(only_first["results"]) == 1 and only_first["next_cursor"]
