@@ -15,14 +15,12 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.response import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from projections import PROJECTIONS, select
-from projections.worker import ProjectionStatus, Worker, WorkerSettings, projection_status
+from projections import PROJECTIONS
+from projections.worker import ProjectionStatus, projection_status
 from service import mcp, page
 from service.api.chat import ROUTES as CHAT_ROUTES
 from service.api.chat import document_stream
-from service.api.cursors import Cursors
 from service.api.middleware import RequestMetrics, request_context
-from service.api.problems import EXCEPTION_HANDLERS
 from service.api.routes import DEPENDENCIES, ROUTES
 from service.api.search import ROUTES as SEARCH_ROUTES
 from service.assistants import make_assistant
@@ -30,10 +28,13 @@ from service.auth import TokenVerifier, jwt_secret
 from service.chat import Chat
 from service.commands import ConversationHeads
 from service.connections import ConnectionPool
+from service.cursors import Cursors
 from service.database import head_revision
 from service.eventstore import EventStore
 from service.metrics import ChatlogCollector, make_registry
+from service.problems import EXCEPTION_HANDLERS
 from service.settings import Settings
+from service.workers import start_workers
 
 log = logging.getLogger(__name__)
 
@@ -184,23 +185,3 @@ def _problem_documents_only(app: Litestar) -> None:
             operation.responses.pop("400", None)
             if not path.startswith("/v1/"):
                 operation.security = []
-
-
-def worker_settings(settings: Settings) -> WorkerSettings:
-    return WorkerSettings(
-        batch_size=settings.projection_batch_size,
-        poll_interval=settings.projection_poll_interval,
-        linger=settings.projection_linger,
-    )
-
-
-def start_workers(settings: Settings, store: EventStore | None = None) -> dict[Worker, asyncio.Task[None]]:
-    """A worker task for every projection, woken by this process's own appends too."""
-    assert settings.database_url
-    workers: dict[Worker, asyncio.Task[None]] = {}
-    for projection in select(settings):
-        worker = Worker(settings.database_url, projection, worker_settings(settings))
-        if store is not None:
-            store.on_append(worker.wake)
-        workers[worker] = asyncio.get_running_loop().create_task(worker.run(), name=f"projection-{projection.name}")
-    return workers

@@ -24,8 +24,7 @@ from typing import Final
 import msgspec
 
 from projections.conversations import fold_stream
-from service import commands
-from service.api import schemas
+from service import commands, shapes
 from service.assistants import Assistant, AssistantError, Prompt, PromptMessage
 from service.connections import ConnectionPool
 from service.events import Content, ConversationStarted, EventValidationError, MessageAppended
@@ -45,8 +44,8 @@ class ChatRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ChatAnswer(msgspec.Struct, kw_only=True):
-    conversation: schemas.Conversation
-    messages: list[schemas.Message]  # [the user's, the assistant's]
+    conversation: shapes.Conversation
+    messages: list[shapes.Message]  # [the user's, the assistant's]
     position: int
 
 
@@ -151,7 +150,7 @@ async def chat(
             conversation_id = body.conversation_id
     async with chat.turn_lock(conversation_id):
         if asked is None:
-            message = schemas.MessageCreate(role="user", content=body.message)
+            message = shapes.MessageCreate(role="user", content=body.message)
             stored, _ = await commands.append_message(store, chat.heads, user_id, conversation_id, message, idempotency)
             asked = stored.position
         try:
@@ -193,7 +192,7 @@ async def _reply(
         text = "".join(pieces)
     if not text:
         raise AssistantError("the assistant gave an empty reply")
-    reply = schemas.MessageCreate(role="assistant", content=text)
+    reply = shapes.MessageCreate(role="assistant", content=text)
     try:
         stored, replayed = await commands.append_message(store, chat.heads, user_id, conversation_id, reply, answered)
     except EventValidationError as exc:

@@ -139,7 +139,7 @@ def _projections(settings: Settings, names: list[str]) -> tuple[list[Projection]
 
 def cmd_project(settings: Settings, args: argparse.Namespace) -> int:
     from projections.worker import Worker
-    from service.app import worker_settings
+    from service.workers import worker_settings
 
     _exit_on_signals()
     projections, settings, url = _projections(settings, args.names)

@@ -20,7 +20,7 @@ import msgspec
 
 from projections.conversations import Conversation as ConversationState
 from projections.conversations import fold_stream
-from service.api import schemas
+from service import shapes
 from service.errors import BadRequest, ConversationExists
 from service.events import ConversationDeleted, ConversationStarted, ConversationUpdated, Event, MessageAppended
 from service.eventstore import (
@@ -116,13 +116,13 @@ async def _stored(store: EventStore, user_id: str, result: Appended) -> list[Rec
 
 def conversation_view(
     state: ConversationState, position: int | msgspec.UnsetType = msgspec.UNSET
-) -> schemas.Conversation:
-    return schemas.Conversation(
+) -> shapes.Conversation:
+    return shapes.Conversation(
         id=state.id,
         title=state.title,
         metadata=msgspec.json.decode(state.metadata),
-        created_at=schemas.timestamp(state.created_at),
-        updated_at=schemas.timestamp(state.updated_at),
+        created_at=shapes.timestamp(state.created_at),
+        updated_at=shapes.timestamp(state.updated_at),
         message_count=state.message_count,
         last_message_preview=state.last_message_preview,
         version=state.version,
@@ -130,22 +130,22 @@ def conversation_view(
     )
 
 
-def message_view(event: Event, conversation_id: uuid.UUID, position: int, recorded_at: datetime) -> schemas.Message:
+def message_view(event: Event, conversation_id: uuid.UUID, position: int, recorded_at: datetime) -> shapes.Message:
     """The message a `message.appended` event recorded, at the position it was stored."""
     assert isinstance(event, MessageAppended) and event.seq is not None
-    return schemas.Message(
+    return shapes.Message(
         id=event.message_id,
         conversation_id=conversation_id,
         seq=event.seq,
         role=event.role,
         content=event.content,
         metadata=event.metadata,
-        created_at=schemas.timestamp(recorded_at),
+        created_at=shapes.timestamp(recorded_at),
         position=position,
     )
 
 
-def stored_message_view(recorded: RecordedEvent) -> schemas.Message:
+def stored_message_view(recorded: RecordedEvent) -> shapes.Message:
     return message_view(recorded.event, recorded.stream_id, recorded.position, recorded.recorded_at)
 
 
@@ -153,9 +153,9 @@ async def create_conversation(
     store: EventStore,
     heads: ConversationHeads,
     user_id: str,
-    body: schemas.ConversationCreate,
+    body: shapes.ConversationCreate,
     idempotency: Idempotency,
-) -> tuple[schemas.Conversation, bool]:
+) -> tuple[shapes.Conversation, bool]:
     """The new conversation (as of its creation) and whether this answer is a replay."""
     replay = await _replayed(store, user_id, idempotency)
     if replay is None:
@@ -183,9 +183,9 @@ async def append_message(
     heads: ConversationHeads,
     user_id: str,
     conversation_id: uuid.UUID,
-    body: schemas.MessageCreate,
+    body: shapes.MessageCreate,
     idempotency: Idempotency,
-) -> tuple[schemas.Message, bool]:
+) -> tuple[shapes.Message, bool]:
     replay = await _replayed(store, user_id, idempotency)
     if replay is not None:
         return stored_message_view(replay[1][0]), True
@@ -255,8 +255,8 @@ async def update_conversation(
     heads: ConversationHeads,
     user_id: str,
     conversation_id: uuid.UUID,
-    body: schemas.ConversationPatch,
-) -> schemas.Conversation:
+    body: shapes.ConversationPatch,
+) -> shapes.Conversation:
     if body.title is None and body.metadata is None:
         raise BadRequest("give a title, metadata, or both")
     result = await _change(

@@ -15,6 +15,8 @@ a smaller position is never passed over.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import hashlib
 import logging
 import random
@@ -170,6 +172,37 @@ ORDER BY e.ord
 RETURNING position, stream_version, recorded_at
 """
 
+# Group commit: the commands of a batch as one statement in one transaction, one row per event
+# (command values repeated). Each command is checked as alone: the owner and its expected
+# version against the stream's head (looked up unless the store remembers it: `at`), and any
+# unique conflict (a lost race, a used idempotency key, events already stored) skips the row
+# instead of failing the statement. The store answers a command whose rows were all inserted;
+# one with none goes on alone; one with some (a multi-event command that half-conflicted) makes
+# the store roll the batch back. Rows go in by stream, so that batches lock in one order.
+_APPEND_BATCH = """
+INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
+                    idempotency_key, request_fingerprint)
+SELECT e.event_id, e.stream_id, coalesce(e.at, head.stream_version, 0) + e.ord, e.user_id, e.type,
+       e.data::jsonb, e.metadata::jsonb, e.idempotency_key, e.fingerprint
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::integer[],
+            $8::integer[], $9::integer[], $10::text[], $11::bytea[])
+     AS e(event_id, stream_id, user_id, type, data, metadata, ord, at, expected, idempotency_key, fingerprint)
+LEFT JOIN LATERAL (
+    SELECT stream_version, user_id FROM events
+    WHERE stream_id = e.stream_id AND e.at IS NULL
+    ORDER BY stream_version DESC LIMIT 1
+) AS head ON true
+WHERE coalesce(head.user_id, e.user_id) = e.user_id
+  AND (e.expected IS NULL OR coalesce(e.at, head.stream_version, 0) = e.expected)
+ORDER BY e.stream_id, e.ord
+ON CONFLICT DO NOTHING
+RETURNING event_id, position, stream_version, recorded_at
+"""
+
+_BY_EVENT_IDS = (
+    "SELECT position, stream_version, recorded_at FROM events WHERE event_id = ANY($1::uuid[]) ORDER BY position"
+)
+
 # The events a keyed command appended: its first event carries the key; the rest share its
 # stream, its transaction and the key in their metadata.
 _PRIOR_COMMAND = """
@@ -238,6 +271,71 @@ def fingerprint_of(stream_id: uuid.UUID, expected_version: int | None, encoded: 
     return digest.digest()
 
 
+class Prepared(msgspec.Struct, frozen=True, kw_only=True):
+    """An append, validated and encoded, with its event ids chosen: ready to send, as often as needed
+    (the same ids each time, so that a retry after a lost connection can tell whether it landed)."""
+
+    user_id: str
+    stream_id: uuid.UUID
+    event_ids: tuple[uuid.UUID, ...]
+    types: tuple[str, ...]
+    data: tuple[str, ...]
+    metadatas: tuple[str, ...]
+    expected_version: int | None
+    idempotency_key: str | None
+    fingerprint: bytes | None
+
+
+def prepare(
+    user_id: str,
+    stream_id: uuid.UUID,
+    events: Sequence[Event],
+    *,
+    expected_version: int | None = None,
+    idempotency_key: str | None = None,
+    fingerprint: bytes | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Prepared:
+    """Check and encode an append (see `append`); raises EventValidationError before any SQL."""
+    validate_user_id(user_id)
+    if type(stream_id) is not uuid.UUID and not isinstance(stream_id, uuid.UUID):
+        raise EventValidationError("stream_id must be a UUID")
+    count = len(events)
+    if not 1 <= count <= MAX_EVENTS_PER_APPEND:
+        raise EventValidationError(f"an append carries 1 to {MAX_EVENTS_PER_APPEND} events")
+    if expected_version is not None and (type(expected_version) is not int or expected_version < 0):
+        raise EventValidationError("expected_version must be an integer >= 0")
+    if idempotency_key is not None:
+        validate_idempotency_key(idempotency_key)
+    encoded = [encode_validated(event) for event in events]
+    types = tuple(event_type(event) for event in events)
+    if idempotency_key is None:
+        fingerprint = None
+    elif fingerprint is None:
+        fingerprint = fingerprint_of(stream_id, expected_version, encoded)
+    if metadata is None and idempotency_key is None:
+        metadatas = tuple(_PLAIN_METADATA[t] for t in types)
+    else:
+        try:
+            common: dict[str, Any] = msgspec.convert(metadata or {}, CommandMetadata)
+        except msgspec.ValidationError as exc:
+            raise EventValidationError(f"command metadata: {exc}") from exc
+        if idempotency_key is not None:
+            common["idempotency_key"] = idempotency_key
+        metadatas = tuple(msgspec.json.encode({**common, "schema_version": SCHEMA_VERSIONS[t]}).decode() for t in types)
+    return Prepared(
+        user_id=user_id,
+        stream_id=stream_id,
+        event_ids=tuple(uuid7() for _ in range(count)),
+        types=types,
+        data=tuple(d.decode() for d in encoded),
+        metadatas=metadatas,
+        expected_version=expected_version,
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
+    )
+
+
 async def append(
     conn: asyncpg.Connection,
     user_id: str,
@@ -267,43 +365,46 @@ async def append(
     - A stream that belongs to another user raises `NotFound` (or `VersionConflict` for
       `expected_version=0`: that stream id is taken).
     """
-    validate_user_id(user_id)
-    if type(stream_id) is not uuid.UUID and not isinstance(stream_id, uuid.UUID):
-        raise EventValidationError("stream_id must be a UUID")
-    count = len(events)
-    if not 1 <= count <= MAX_EVENTS_PER_APPEND:
-        raise EventValidationError(f"an append carries 1 to {MAX_EVENTS_PER_APPEND} events")
-    if expected_version is not None and (type(expected_version) is not int or expected_version < 0):
-        raise EventValidationError("expected_version must be an integer >= 0")
-    if idempotency_key is not None:
-        validate_idempotency_key(idempotency_key)
-    encoded = [encode_validated(event) for event in events]
-    types = [event_type(event) for event in events]
-    if idempotency_key is None:
-        fingerprint = None
-    elif fingerprint is None:
-        fingerprint = fingerprint_of(stream_id, expected_version, encoded)
-    if metadata is None and idempotency_key is None:
-        metadatas = [_PLAIN_METADATA[t] for t in types]
-    else:
-        try:
-            common: dict[str, Any] = msgspec.convert(metadata or {}, CommandMetadata)
-        except msgspec.ValidationError as exc:
-            raise EventValidationError(f"command metadata: {exc}") from exc
-        if idempotency_key is not None:
-            common["idempotency_key"] = idempotency_key
-        metadatas = [msgspec.json.encode({**common, "schema_version": SCHEMA_VERSIONS[t]}).decode() for t in types]
-    one = count == 1
+    prepared = prepare(
+        user_id,
+        stream_id,
+        events,
+        expected_version=expected_version,
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
+        metadata=metadata,
+    )
+    return await append_prepared(conn, prepared, heads=heads)
+
+
+async def append_prepared(
+    conn: asyncpg.Connection, prepared: Prepared, *, heads: StreamHeads | None = None
+) -> Appended:
+    """Append a prepared command on `conn` (see `append`), racing and retrying alone."""
+    user_id, stream_id = prepared.user_id, prepared.stream_id
+    expected_version, idempotency_key, fingerprint = (
+        prepared.expected_version,
+        prepared.idempotency_key,
+        prepared.fingerprint,
+    )
+    one = len(prepared.event_ids) == 1
     if one:
-        values: tuple[Any, ...] = (stream_id, user_id, uuid7(), types[0], encoded[0].decode(), metadatas[0])
+        values: tuple[Any, ...] = (
+            stream_id,
+            user_id,
+            prepared.event_ids[0],
+            prepared.types[0],
+            prepared.data[0],
+            prepared.metadatas[0],
+        )
     else:
         values = (
             stream_id,
             user_id,
-            [uuid7() for _ in events],
-            types,
-            [d.decode() for d in encoded],
-            metadatas,
+            list(prepared.event_ids),
+            list(prepared.types),
+            list(prepared.data),
+            list(prepared.metadatas),
         )
 
     in_transaction = conn.is_in_transaction()
@@ -336,6 +437,12 @@ async def append(
                 replayed = await prior_command(conn, user_id, idempotency_key, fingerprint)
                 if replayed is not None:
                     return replayed
+            elif exc.constraint_name == "events_event_id_key":
+                # These very events committed meanwhile: an earlier try whose answer was lost.
+                landed = await landed_before(conn, prepared)
+                if landed is not None:
+                    return landed
+                raise
             elif exc.constraint_name != "events_stream_version_key":
                 raise
             # Lost a race, or the remembered head was stale; the winner has committed (the
@@ -376,6 +483,19 @@ async def append(
             raise VersionConflict(expected_version, 0)
         # The head moved between the two statements: run again.
     raise RuntimeError(f"append to stream {stream_id} lost {MAX_APPEND_ATTEMPTS} races in a row")
+
+
+async def landed_before(conn: asyncpg.Connection, prepared: Prepared) -> Appended | None:
+    """The command's events, if an earlier try of it committed them (a command lands whole or not at all)."""
+    rows = await conn.fetch(_BY_EVENT_IDS, list(prepared.event_ids))
+    if not rows:
+        return None
+    return Appended(
+        stream_id=prepared.stream_id,
+        positions=tuple(r[0] for r in rows),
+        versions=tuple(r[1] for r in rows),
+        recorded_at=rows[0][2],
+    )
 
 
 def _check_head(
@@ -490,6 +610,209 @@ async def checkpoint_of(conn: asyncpg.Connection, position: int) -> Checkpoint |
     return None if tx_id is None else Checkpoint(int(tx_id), position)
 
 
+class _Waiting:
+    __slots__ = ("future", "prepared")
+
+    def __init__(self, prepared: Prepared, future: asyncio.Future[Appended]) -> None:
+        self.prepared, self.future = prepared, future
+
+
+# What a lost connection raises: the batch's fate is then unknown, and each command is settled by
+# looking for its events (they carry ids of their own) before it is sent again.
+_CONNECTION_LOST: Final = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    ConnectionError,
+    OSError,
+)
+
+
+class _Partial(Exception):
+    """A multi-event command of the batch was inserted in part: roll the batch back."""
+
+
+class GroupCommit:
+    """Appends that arrive together share one transaction, one statement and one commit (DESIGN.md).
+
+    A command that finds no batch running is sent at once, as its own one-statement transaction:
+    an idle store waits for nothing. While `max_in_flight` batches run, arrivals queue; when one
+    ends, everything queued (up to `max_batch`, one command per stream) goes as the next batch.
+    Each command stays atomic and is answered as if alone: a command the batch's statement
+    skipped (a stale version, a foreign stream, a used key, a lost race) is settled alone
+    afterwards, and only a command whose events committed is answered with them.
+    """
+
+    def __init__(self, store: EventStore, *, max_batch: int = 256, max_in_flight: int = 2) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
+        self.queue: collections.deque[_Waiting] = collections.deque()
+        self.in_flight = 0
+        self.batches = 0  # for metrics and tests: batches of more than one command committed
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def submit(self, prepared: Prepared) -> Appended:
+        waiting = _Waiting(prepared, asyncio.get_running_loop().create_future())
+        self.queue.append(waiting)
+        if self.in_flight < self.max_in_flight:
+            self._start()
+        try:
+            return await asyncio.shield(waiting.future)
+        except asyncio.CancelledError:
+            # A caller that gives up while queued is taken out; once its batch runs, the batch
+            # goes on (its other commands need it) and only this answer is dropped.
+            with contextlib.suppress(ValueError):
+                self.queue.remove(waiting)
+            waiting.future.add_done_callback(_retrieve)  # nobody awaits it now: never "never retrieved"
+            raise
+
+    def _start(self) -> None:
+        batch: list[_Waiting] = []
+        streams: set[int] = set()
+        later: list[_Waiting] = []
+        while self.queue and len(batch) < self.max_batch:
+            waiting = self.queue.popleft()
+            key = waiting.prepared.stream_id.int
+            if key in streams:
+                later.append(waiting)  # one command per stream and batch: the next batch takes it
+            else:
+                streams.add(key)
+                batch.append(waiting)
+        self.queue.extendleft(reversed(later))
+        if not batch:
+            return
+        self.in_flight += 1
+        self._idle.clear()
+        task = asyncio.get_running_loop().create_task(self._run(batch), name="group-commit")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[_Waiting]) -> None:
+        try:
+            if len(batch) == 1:
+                await self._alone(batch[0], in_doubt=False)
+            else:
+                await self._together(batch)
+        finally:
+            self.in_flight -= 1
+            if self.queue:
+                self._start()
+            elif self.in_flight == 0:
+                self._idle.set()
+
+    async def _alone(self, waiting: _Waiting, *, in_doubt: bool) -> None:
+        """One command in its own transaction(s), as `append_prepared` runs it."""
+        try:
+            async with self.store.pool.acquire() as conn:
+                landed = await landed_before(conn, waiting.prepared) if in_doubt else None
+                result = landed or await append_prepared(conn, waiting.prepared, heads=self.store.heads)
+        except BaseException as exc:
+            _settle(waiting, exc=exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if not result.replayed:
+            self.store.appended(len(result.positions))
+        _settle(waiting, result)
+
+    async def _together(self, batch: list[_Waiting]) -> None:
+        heads = self.store.heads
+        columns: list[list[Any]] = [[] for _ in range(11)]
+        for waiting in batch:
+            p = waiting.prepared
+            at: int | None = None
+            known = heads.get(p.stream_id)
+            if known is not None and known[0] == p.user_id and p.expected_version in (None, known[1]):
+                at = known[1]
+            for i, event_id in enumerate(p.event_ids):
+                first = i == 0
+                for column, value in zip(
+                    columns,
+                    (
+                        event_id,
+                        p.stream_id,
+                        p.user_id,
+                        p.types[i],
+                        p.data[i],
+                        p.metadatas[i],
+                        i + 1,
+                        at,
+                        p.expected_version,
+                        p.idempotency_key if first else None,
+                        p.fingerprint if first else None,
+                    ),
+                    strict=True,
+                ):
+                    column.append(value)
+        inserted: dict[uuid.UUID, Any] = {}
+        try:
+            async with self.store.pool.acquire() as conn, conn.transaction():
+                for row in await conn.fetch(_APPEND_BATCH, *columns):
+                    inserted[row[0]] = row
+                for waiting in batch:
+                    found = sum(1 for event_id in waiting.prepared.event_ids if event_id in inserted)
+                    if 0 < found < len(waiting.prepared.event_ids):
+                        raise _Partial
+        except _CONNECTION_LOST:
+            # Committed or not: unknown. Each command looks for its own events, then goes alone.
+            await asyncio.gather(*(self._alone(w, in_doubt=True) for w in batch))
+            return
+        except Exception:
+            # A half-inserted command, a deadlock, anything else: nothing of the batch committed;
+            # each command goes alone, so that only one at fault fails.
+            log.debug("a batch of %d appends fell back to appending one by one", len(batch), exc_info=True)
+            await asyncio.gather(*(self._alone(w, in_doubt=False) for w in batch))
+            return
+        self.batches += 1
+        leftover: list[_Waiting] = []
+        count = 0
+        for waiting in batch:
+            p = waiting.prepared
+            rows = [inserted[event_id] for event_id in p.event_ids if event_id in inserted]
+            if not rows:
+                heads.forget(p.stream_id)
+                leftover.append(waiting)
+                continue
+            rows.sort(key=lambda r: r[1])
+            heads.remember(p.stream_id, p.user_id, rows[-1][2])
+            count += len(rows)
+            _settle(
+                waiting,
+                Appended(
+                    stream_id=p.stream_id,
+                    positions=tuple(r[1] for r in rows),
+                    versions=tuple(r[2] for r in rows),
+                    recorded_at=rows[0][3],
+                ),
+            )
+        if count:
+            self.store.appended(count)
+        if leftover:  # each skipped command, alone: its own answer (replay, 404, 409) or a retry
+            await asyncio.gather(*(self._alone(w, in_doubt=False) for w in leftover))
+
+    async def drain(self) -> None:
+        """Wait until every submitted command has been answered."""
+        await self._idle.wait()
+
+
+def _retrieve(future: asyncio.Future[Appended]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _settle(waiting: _Waiting, result: Appended | None = None, *, exc: BaseException | None = None) -> None:
+    if waiting.future.done():
+        return
+    if exc is not None:
+        waiting.future.set_exception(exc)
+    else:
+        waiting.future.set_result(result)  # type: ignore[arg-type]
+
+
 class EventStore:
     """Appends on a connection pool and wakes listeners after commit.
 
@@ -499,7 +822,7 @@ class EventStore:
     appending commit. Workers also poll, so a lost wake-up only delays them.
     """
 
-    def __init__(self, pool: ConnectionPool, *, notify_interval: float = 0.005) -> None:
+    def __init__(self, pool: ConnectionPool, *, notify_interval: float = 0.005, group_commit: bool = True) -> None:
         self.pool = pool
         self.notify_interval = notify_interval
         self._notify_due = False
@@ -507,6 +830,7 @@ class EventStore:
         self._local_listeners: list[Callable[[], None]] = []
         self.heads = StreamHeads()
         self.appended_events = 0
+        self.group = GroupCommit(self) if group_commit else None
 
     async def append(
         self,
@@ -515,12 +839,22 @@ class EventStore:
         events: Sequence[Event],
         **options: Any,
     ) -> Appended:
+        """Append one command (see the module function `append` for the options), acknowledged
+        once committed; with group commit, in a transaction shared with the commands that
+        arrive together."""
+        prepared = prepare(user_id, stream_id, events, **options)
+        if self.group is not None:
+            return await self.group.submit(prepared)
         async with self.pool.acquire() as conn:
-            result = await append(conn, user_id, stream_id, events, heads=self.heads, **options)
+            result = await append_prepared(conn, prepared, heads=self.heads)
         if not result.replayed:
-            self.appended_events += len(result.positions)
-            self.wake_listeners()
+            self.appended(len(result.positions))
         return result
+
+    def appended(self, count: int) -> None:
+        """`count` events committed: count them and wake the listeners."""
+        self.appended_events += count
+        self.wake_listeners()
 
     def on_append(self, listener: Callable[[], None]) -> None:
         """Call `listener` after every append of this process (in-process workers use it)."""
@@ -545,5 +879,8 @@ class EventStore:
             await asyncio.sleep(self.notify_interval)
 
     async def aclose(self) -> None:
+        """Answer every append in flight, then send the last NOTIFY."""
+        if self.group is not None:
+            await self.group.drain()
         if self._notifier is not None:
             await self._notifier

@@ -1,4 +1,5 @@
-"""UUID version 7 (RFC 9562): time-ordered ids, so new rows land at the right end of an index.
+"""Ids: UUID version 7 (RFC 9562), time-ordered, so new rows land at the right end of an index;
+and the one parser of ids given as text (paths, MCP arguments, filters).
 
 The random bits come from the operating system's CSPRNG, read 4 KiB at a time: under load a
 `getrandom` system call per id cost more than the rest of making it. A forked child drops the
@@ -12,6 +13,10 @@ import threading
 import time
 import uuid
 from typing import Final
+
+import msgspec
+
+from service.errors import BadRequest
 
 _VERSION_AND_VARIANT: Final = (0x7 << 76) | (0b10 << 62)
 _RANDOM_BITS: Final = (0x0FFF << 64) | 0x3FFF_FFFF_FFFF_FFFF  # rand_a (12 bits), rand_b (62 bits)
@@ -41,3 +46,15 @@ def uuid7() -> uuid.UUID:
     rand = int.from_bytes(chunk, "big")
     ms = time.time_ns() // 1_000_000
     return uuid.UUID(int=((ms & 0xFFFF_FFFF_FFFF) << 80) | (rand & _RANDOM_BITS) | _VERSION_AND_VARIANT)
+
+
+def parse_uuid(value: str) -> uuid.UUID:
+    """A malformed id is a validation error (422), not a missing route (404).
+
+    The forms a JSON body's ids take (msgspec's): canonical, in either case, or its 32 hex digits;
+    not the braces, `urn:uuid:` or stray hyphens that `uuid.UUID` also lets through."""
+    try:
+        parsed: uuid.UUID = msgspec.convert(value, uuid.UUID)
+    except (msgspec.ValidationError, UnicodeEncodeError):  # the latter: a lone surrogate
+        raise BadRequest("not a valid conversation id (a UUID)", field="conversation_id") from None
+    return parsed

@@ -41,16 +41,15 @@ from mcp.types import CallToolResult, InputRequiredResult, TextContent
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from service import commands, queries
+from service import commands, queries, shapes
 from service import search as searching
-from service.api import schemas
-from service.api.cursors import Cursors
-from service.api.problems import answer_for, problem, send_problem
-from service.api.routes import parse_uuid
 from service.auth import TokenError, TokenVerifier
 from service.connections import ConnectionPool
+from service.cursors import Cursors
 from service.errors import Unauthorized
 from service.eventstore import EventStore
+from service.ids import parse_uuid
+from service.problems import answer_for, problem, send_problem
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -172,10 +171,9 @@ def build_server(tools: Tools) -> MCPServer:
     server = _Server(name="chatlog", instructions=INSTRUCTIONS, log_level="WARNING")
     budget = tools.settings.mcp_result_chars
 
-    async def readable(min_position: int | None) -> None:
-        """As the HTTP reads' `min_position`: 503 `not_ready` if it is not readable in time."""
-        if min_position is not None:
-            await queries.wait_for_position(tools.pool, min_position, tools.settings.read_wait_seconds)
+    async def readable(user: str, min_position: int | None) -> None:
+        """As the HTTP reads: the user's own writes (and `min_position`), or 503 `not_ready` in time."""
+        await queries.wait_until_readable(tools.pool, user, min_position, tools.settings.read_wait_seconds)
 
     async def run(ctx: Context, call: Callable[[str], Awaitable[dict[str, Any]]]) -> CallToolResult:
         """A tool's body, for the caller, as compact JSON text (and the same as structured
@@ -197,11 +195,11 @@ def build_server(tools: Tools) -> MCPServer:
         min_position: MinPosition = None,
     ) -> CallToolResult:
         async def call(user: str) -> dict[str, Any]:
-            await readable(min_position)
+            await readable(user, min_position)
             scope = "conversations:desc"  # the HTTP list's own cursors work here, and back
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
 
-            async def fetch(count: int) -> tuple[list[schemas.Conversation], list[Any] | None]:
+            async def fetch(count: int) -> tuple[list[shapes.Conversation], list[Any] | None]:
                 async with tools.pool.acquire() as conn:
                     return await queries.list_conversations(conn, user, count, True, after)
 
@@ -226,11 +224,11 @@ def build_server(tools: Tools) -> MCPServer:
     ) -> CallToolResult:
         async def call(user: str) -> dict[str, Any]:
             cid = parse_uuid(conversation_id)
-            await readable(min_position)
+            await readable(user, min_position)
             scope = f"messages:{cid}:{order}"
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
 
-            async def fetch(count: int) -> tuple[list[schemas.Message], list[Any] | None]:
+            async def fetch(count: int) -> tuple[list[shapes.Message], list[Any] | None]:
                 async with tools.pool.acquire() as conn:
                     return await queries.list_messages(conn, user, cid, count, order == "desc", after)
 
@@ -258,7 +256,7 @@ def build_server(tools: Tools) -> MCPServer:
     ) -> CallToolResult:
         async def call(user: str) -> dict[str, Any]:
             cid = parse_uuid(conversation_id) if conversation_id is not None else None
-            await readable(min_position)
+            await readable(user, min_position)
             scope = searching.cursor_scope(query, cid, role)
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
 
@@ -298,7 +296,7 @@ def build_server(tools: Tools) -> MCPServer:
     ) -> CallToolResult:
         async def call(user: str) -> dict[str, Any]:
             cid = parse_uuid(conversation_id)
-            body = schemas.MessageCreate(role=role, content=content)
+            body = shapes.MessageCreate(role=role, content=content)
             fingerprint = commands.request_fingerprint("POST", f"/v1/conversations/{cid}/messages", body)
             asked = commands.Idempotency(idempotency_key, fingerprint)
             message, _ = await commands.append_message(tools.store, tools.heads, user, cid, body, asked)
@@ -366,7 +364,7 @@ def _encode(item: dict[str, Any]) -> str:
     return msgspec.json.encode(item).decode()
 
 
-def _message(m: schemas.Message, chars: int) -> dict[str, Any]:
+def _message(m: shapes.Message, chars: int) -> dict[str, Any]:
     out: dict[str, Any] = {"id": str(m.id), "conversation_id": str(m.conversation_id), "seq": m.seq, "role": m.role}
     out["content"] = m.content
     if m.metadata:
@@ -374,7 +372,7 @@ def _message(m: schemas.Message, chars: int) -> dict[str, Any]:
     return _fit(out | {"created_at": m.created_at, "position": m.position}, "content", chars)
 
 
-def _conversation(c: schemas.Conversation, chars: int) -> dict[str, Any]:
+def _conversation(c: shapes.Conversation, chars: int) -> dict[str, Any]:
     item = {
         "id": str(c.id),
         "title": c.title,
@@ -537,8 +535,8 @@ async def serve_stdio(settings: Settings, user: str) -> None:
     """The MCP server on stdin/stdout for `user`, until the client closes the pipe. Runs the
     projection workers too unless `settings.run_workers` is off (they stand by while another
     process holds their lock), so that what an agent appends shows up in its next read."""
-    from service.app import start_workers
     from service.auth import jwt_secret
+    from service.workers import start_workers
 
     assert settings.database_url
     pool = ConnectionPool(settings.database_url, size=4)

@@ -15,7 +15,7 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from service.api import schemas
+from service import shapes
 from service.errors import BadRequest, NotReady
 from service.eventstore import Checkpoint, NotFound, RecordedEvent, read_user
 
@@ -34,58 +34,79 @@ def from_micros(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=value)
 
 
-def _conversation(row: asyncpg.Record) -> schemas.Conversation:
-    return schemas.Conversation(
+def _conversation(row: asyncpg.Record) -> shapes.Conversation:
+    return shapes.Conversation(
         id=row[0],
         title=row[1],
         metadata=msgspec.json.decode(row[2]),
-        created_at=schemas.timestamp(row[3]),
-        updated_at=schemas.timestamp(row[4]),
+        created_at=shapes.timestamp(row[3]),
+        updated_at=shapes.timestamp(row[4]),
         message_count=row[5],
         last_message_preview=row[6],
         version=row[7],
     )
 
 
-def message_from_row(row: asyncpg.Record) -> schemas.Message:
-    return schemas.Message(
+def message_from_row(row: asyncpg.Record) -> shapes.Message:
+    return shapes.Message(
         id=row[0],
         conversation_id=row[1],
         seq=row[2],
         role=row[3],
         content=row[4],
         metadata=msgspec.json.decode(row[5]),
-        created_at=schemas.timestamp(row[6]),
+        created_at=shapes.timestamp(row[6]),
         position=row[7],
     )
 
 
-async def wait_for_position(pool: Any, position: int, wait_seconds: float) -> None:
-    """Return once the read tables include the event at `position` and all before it in log order.
+# Where the read models stand, the caller's newest event (in log order, by the user's own index)
+# and, if asked, the event at a position: one round trip, answered from the database, so that a
+# write answered by any instance of the service counts.
+_READABLE: Final = """
+SELECT c.tx_id, c.position, own.tx_id, own.position, asked.tx_id
+FROM projection_checkpoints AS c
+LEFT JOIN LATERAL (
+    SELECT tx_id, position FROM events WHERE user_id = $1 ORDER BY tx_id DESC, position DESC LIMIT 1
+) AS own ON true
+LEFT JOIN LATERAL (SELECT tx_id FROM events WHERE position = $2) AS asked ON true
+WHERE c.name = 'conversations'
+"""
 
-    Raises NotReady after `wait_seconds`, also for a position that does not exist (yet).
+
+async def wait_until_readable(pool: Any, user_id: str, min_position: int | None, wait_seconds: float) -> None:
+    """Return once the read tables include the caller's own newest event and, with `min_position`,
+    the event at that position and every event before it in log order (API.md: a user always
+    reads their own writes).
+
+    Raises NotReady after `wait_seconds`, also for a `min_position` that does not exist (yet).
     """
     deadline = time.monotonic() + wait_seconds
-    delay = 0.002
-    target: Checkpoint | None = None
+    delay = 0.001
     while True:
         async with pool.acquire() as conn:
-            if target is None:
-                tx_id = await conn.fetchval("SELECT tx_id FROM events WHERE position = $1", position)
-                target = None if tx_id is None else Checkpoint(int(tx_id), position)
-            if target is not None:
-                row = await conn.fetchrow(
-                    "SELECT tx_id, position FROM projection_checkpoints WHERE name = 'conversations'"
-                )
-                if row is not None and Checkpoint(int(row[0]), row[1]) >= target:
-                    return
+            row = await conn.fetchrow(_READABLE, user_id, min_position)
+        if row is not None and _includes(row, min_position):
+            return
         if time.monotonic() + delay > deadline:
-            raise NotReady(f"the read models have not reached position {position} yet; retry shortly")
+            if min_position is None:
+                raise NotReady("the read models have not caught up with your newest write yet; retry shortly")
+            raise NotReady(f"the read models have not reached position {min_position} yet; retry shortly")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.05)
 
 
-async def get_conversation(conn: asyncpg.Connection, user_id: str, conversation_id: uuid.UUID) -> schemas.Conversation:
+def _includes(row: asyncpg.Record, min_position: int | None) -> bool:
+    """Whether the checkpoint in `row` (of `_READABLE`) has passed both targets."""
+    checkpoint = Checkpoint(int(row[0]), row[1])
+    if row[2] is not None and checkpoint < Checkpoint(int(row[2]), row[3]):
+        return False
+    if min_position is None:
+        return True
+    return row[4] is not None and checkpoint >= Checkpoint(int(row[4]), min_position)
+
+
+async def get_conversation(conn: asyncpg.Connection, user_id: str, conversation_id: uuid.UUID) -> shapes.Conversation:
     row = await conn.fetchrow(
         f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = $1 AND user_id = $2", conversation_id, user_id
     )
@@ -96,7 +117,7 @@ async def get_conversation(conn: asyncpg.Connection, user_id: str, conversation_
 
 async def list_conversations(
     conn: asyncpg.Connection, user_id: str, limit: int, descending: bool, after: list[Any] | None
-) -> tuple[list[schemas.Conversation], list[Any] | None]:
+) -> tuple[list[shapes.Conversation], list[Any] | None]:
     """A page by updated_at (then id, the index's way), and the keyset after its last item if more follow."""
     if descending:
         order, cmp = "updated_at DESC, id ASC", "(updated_at < $2 OR (updated_at = $2 AND id > $3))"
@@ -137,7 +158,7 @@ async def list_messages(
     limit: int,
     descending: bool,
     after: list[Any] | None,
-) -> tuple[list[schemas.Message], list[Any] | None]:
+) -> tuple[list[shapes.Message], list[Any] | None]:
     await get_conversation(conn, user_id, conversation_id)  # 404 unless it is the user's, and live
     last_seq = _int_keyset(after) if after is not None else (2_147_483_647 if descending else 0)
     cmp, order = ("seq < $3", "seq DESC") if descending else ("seq > $3", "seq ASC")
@@ -180,16 +201,16 @@ LIMIT 1
 
 async def list_events(
     conn: asyncpg.Connection, user_id: str, after: Checkpoint, limit: int
-) -> tuple[list[schemas.LogEvent], Checkpoint | None]:
+) -> tuple[list[shapes.LogEvent], Checkpoint | None]:
     events = await read_user(conn, user_id, after, limit + 1)
     page = [_log_event(e) for e in events[:limit]]
     return page, (events[limit - 1].checkpoint if len(events) > limit else None)
 
 
-def _log_event(e: RecordedEvent) -> schemas.LogEvent:
+def _log_event(e: RecordedEvent) -> shapes.LogEvent:
     data = msgspec.to_builtins(e.event)
     data.pop("type", None)
-    return schemas.LogEvent(
+    return shapes.LogEvent(
         position=e.position,
         event_id=e.event_id,
         type=e.type,
@@ -197,5 +218,5 @@ def _log_event(e: RecordedEvent) -> schemas.LogEvent:
         version=e.stream_version,
         data=data,
         metadata=e.metadata,
-        recorded_at=schemas.timestamp(e.recorded_at),
+        recorded_at=shapes.timestamp(e.recorded_at),
     )

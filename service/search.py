@@ -18,7 +18,7 @@ import asyncpg
 import msgspec
 
 from projections.conversations import owner_lexeme
-from service.api import schemas
+from service import shapes
 from service.errors import BadRequest
 from service.queries import from_micros, message_from_row, micros
 
@@ -29,7 +29,7 @@ _HEADLINE: Final = f"StartSel={_START}, StopSel={_STOP}, MaxWords=35, MinWords=1
 
 class SearchResult(msgspec.Struct, kw_only=True):
     object: str = "search_result"
-    message: schemas.Message
+    message: shapes.Message
     conversation_title: str
     snippet: str
     rank: float

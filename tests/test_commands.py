@@ -9,8 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from service import commands
-from service.api import schemas
+from service import commands, shapes
 from service.connections import ConnectionPool
 from service.eventstore import EventStore, NotFound, VersionConflict
 
@@ -24,8 +23,8 @@ class Process:
         self.store = EventStore(ConnectionPool(db_url, size=10))
         self.heads = commands.ConversationHeads()
 
-    async def say(self, user: str, cid: uuid.UUID, text: str, expected: int | None = None) -> schemas.Message:
-        body = schemas.MessageCreate(role="user", content=text, expected_version=expected)
+    async def say(self, user: str, cid: uuid.UUID, text: str, expected: int | None = None) -> shapes.Message:
+        body = shapes.MessageCreate(role="user", content=text, expected_version=expected)
         message, _ = await commands.append_message(self.store, self.heads, user, cid, body, NO_KEY)
         return message
 
@@ -43,7 +42,7 @@ async def two(db_url: str) -> AsyncIterator[tuple[Process, Process]]:
 
 
 async def start(p: Process, user: str = "alice") -> uuid.UUID:
-    conversation, _ = await commands.create_conversation(p.store, p.heads, user, schemas.ConversationCreate(), NO_KEY)
+    conversation, _ = await commands.create_conversation(p.store, p.heads, user, shapes.ConversationCreate(), NO_KEY)
     return conversation.id
 
 
@@ -97,7 +96,7 @@ async def test_expected_versions_are_judged_by_the_log_not_a_memory(two: tuple[P
     a, b = two
     cid = await start(a)
     await b.say("alice", cid, "one")  # b remembers version 2
-    await commands.update_conversation(a.store, a.heads, "alice", cid, schemas.ConversationPatch(title="t"))
+    await commands.update_conversation(a.store, a.heads, "alice", cid, shapes.ConversationPatch(title="t"))
     with pytest.raises(VersionConflict) as stale:
         await b.say("alice", cid, "stale", expected=2)
     assert stale.value.current == 3

@@ -19,9 +19,9 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import Context
 
-from service.api.cursors import Cursors
 from service.commands import ConversationHeads
 from service.connections import ConnectionPool
+from service.cursors import Cursors
 from service.eventstore import EventStore
 from service.mcp import Tools, build_server
 from service.settings import Settings

@@ -24,9 +24,9 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 
 from service import chat as chats
-from service.api.problems import answer_for
 from service.api.routes import IdempotencyKey, User, answered, idempotency, problems, strict
 from service.commands import Idempotency
+from service.problems import answer_for
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from urllib.parse import unquote_to_bytes
 from litestar.types import ASGIApp, Message, Receive, Send
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from service.api.problems import problem, send_problem
 from service.ids import uuid7
+from service.problems import problem, send_problem
 
 log = logging.getLogger("chatlog.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -14,13 +13,13 @@ from litestar.openapi.spec import Example
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.response import Response as LitestarResponse
 
-from service import commands, queries
-from service.api import schemas
-from service.api.cursors import Cursors
+from service import commands, queries, shapes
 from service.auth import TokenError, TokenVerifier
+from service.cursors import Cursors
 from service.errors import BadRequest, Unauthorized
 from service.events import EventValidationError
 from service.eventstore import Checkpoint, validate_idempotency_key
+from service.ids import parse_uuid
 
 _PROBLEM_DESCRIPTIONS = {
     401: "no valid bearer token (code unauthorized)",
@@ -38,7 +37,7 @@ def problems(*statuses: int) -> dict[int, ResponseSpec]:
     """The problem documents an operation can answer: these, and 401, 413 and 500 for all."""
     return {
         status: ResponseSpec(
-            data_container=schemas.Problem,
+            data_container=shapes.Problem,
             description=_PROBLEM_DESCRIPTIONS[status],
             media_type="application/problem+json",
             generate_examples=False,
@@ -48,18 +47,6 @@ def problems(*statuses: int) -> dict[int, ResponseSpec]:
 
 
 ConversationId = Annotated[str, PathParameter(description="a conversation id (UUID)", max_length=64)]
-
-
-def parse_uuid(value: str) -> uuid.UUID:
-    """A malformed id is a validation error (422), not a missing route (404).
-
-    The forms a JSON body's ids take (msgspec's): canonical, in either case, or its 32 hex digits;
-    not the braces, `urn:uuid:` or stray hyphens that `uuid.UUID` also lets through."""
-    try:
-        parsed: uuid.UUID = msgspec.convert(value, uuid.UUID)
-    except (msgspec.ValidationError, UnicodeEncodeError):  # the latter: a lone surrogate
-        raise BadRequest("not a valid conversation id (a UUID)", field="conversation_id") from None
-    return parsed
 
 
 Limit = Annotated[int, QueryParameter(ge=1, le=100, description="page size (1-100)")]
@@ -125,9 +112,9 @@ def idempotency(request: Request[Any, Any, State], key: str | None, body: msgspe
     return commands.Idempotency(key, commands.request_fingerprint(request.method, request.url.path, body))
 
 
-async def wait(state: State, min_position: int | None) -> None:
-    if min_position is not None:
-        await queries.wait_for_position(state.pool, min_position, state.settings.read_wait_seconds)
+async def wait(state: State, user: str, min_position: int | None) -> None:
+    """Every read waits for the read models to hold the caller's own writes (and `min_position`)."""
+    await queries.wait_until_readable(state.pool, user, min_position, state.settings.read_wait_seconds)
 
 
 def answered(body: Any, status: int, replayed: bool) -> LitestarResponse[Any]:
@@ -143,10 +130,10 @@ def answered(body: Any, status: int, replayed: bool) -> LitestarResponse[Any]:
 async def create_conversation(
     state: State,
     request: Request[Any, Any, State],
-    data: JSONBody[schemas.ConversationCreate],
+    data: JSONBody[shapes.ConversationCreate],
     user: User,
     idempotency_key: IdempotencyKey = None,
-) -> Response[schemas.Conversation]:
+) -> Response[shapes.Conversation]:
     data = await strict(request, data)
     conversation, replayed = await commands.create_conversation(
         state.store, state.heads, user, data, idempotency(request, idempotency_key, data)
@@ -166,8 +153,8 @@ async def list_conversations(
     cursor: Cursor = None,
     order: Annotated[Literal["desc", "asc"], QueryParameter()] = "desc",
     min_position: MinPosition = None,
-) -> schemas.Page[schemas.Conversation]:
-    await wait(state, min_position)
+) -> shapes.Page[shapes.Conversation]:
+    await wait(state, user, min_position)
     scope = f"conversations:{order}"
     after = state.cursors.decode(cursor, scope, user) if cursor is not None else None
     async with state.pool.acquire() as conn:
@@ -182,8 +169,8 @@ async def list_conversations(
 )
 async def get_conversation(
     state: State, user: User, conversation_id: ConversationId, min_position: MinPosition = None
-) -> schemas.Conversation:
-    await wait(state, min_position)
+) -> shapes.Conversation:
+    await wait(state, user, min_position)
     async with state.pool.acquire() as conn:
         return await queries.get_conversation(conn, user, parse_uuid(conversation_id))
 
@@ -196,10 +183,10 @@ async def get_conversation(
 async def update_conversation(
     state: State,
     request: Request[Any, Any, State],
-    data: JSONBody[schemas.ConversationPatch],
+    data: JSONBody[shapes.ConversationPatch],
     user: User,
     conversation_id: ConversationId,
-) -> schemas.Conversation:
+) -> shapes.Conversation:
     data = await strict(request, data)
     return await commands.update_conversation(state.store, state.heads, user, parse_uuid(conversation_id), data)
 
@@ -240,11 +227,11 @@ async def delete_conversation(
 async def append_message(
     state: State,
     request: Request[Any, Any, State],
-    data: JSONBody[schemas.MessageCreate],
+    data: JSONBody[shapes.MessageCreate],
     user: User,
     conversation_id: ConversationId,
     idempotency_key: IdempotencyKey = None,
-) -> Response[schemas.Message]:
+) -> Response[shapes.Message]:
     data = await strict(request, data)
     message, replayed = await commands.append_message(
         state.store, state.heads, user, parse_uuid(conversation_id), data, idempotency(request, idempotency_key, data)
@@ -265,8 +252,8 @@ async def list_messages(
     cursor: Cursor = None,
     order: Annotated[Literal["asc", "desc"], QueryParameter()] = "asc",
     min_position: MinPosition = None,
-) -> schemas.Page[schemas.Message]:
-    await wait(state, min_position)
+) -> shapes.Page[shapes.Message]:
+    await wait(state, user, min_position)
     cid = parse_uuid(conversation_id)
     scope = f"messages:{cid}:{order}"
     after = state.cursors.decode(cursor, scope, user) if cursor is not None else None
@@ -278,7 +265,7 @@ async def list_messages(
 @get(
     "/v1/events",
     summary="The caller's own events, in commit order",
-    responses=problems(422),
+    responses=problems(422, 503),
 )
 async def list_events(
     state: State,
@@ -286,9 +273,10 @@ async def list_events(
     after: Annotated[int | None, QueryParameter(ge=0, le=9_223_372_036_854_775_807)] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=100)] = 100,
     cursor: Cursor = None,
-) -> schemas.Page[schemas.LogEvent]:
+) -> shapes.Page[shapes.LogEvent]:
     if after is not None and cursor is not None:
         raise BadRequest("give either after or cursor, not both", field="after")
+    await wait(state, user, None)  # the caller's answered writes are in the feed, as in every read
     async with state.pool.acquire() as conn:
         if cursor is not None:
             tx_id, position = _pair(state.cursors.decode(cursor, "events", user))
@@ -303,9 +291,9 @@ async def list_events(
 
 def page_of(
     cursors: Cursors, scope: str, user: str, items: list[PageItem], next_after: list[Any] | None
-) -> schemas.Page[PageItem]:
+) -> shapes.Page[PageItem]:
     """A list answer; its cursor (when more follow) resumes after `next_after`, in `scope` only."""
-    return schemas.Page(
+    return shapes.Page(
         data=items,
         has_more=next_after is not None,
         next_cursor=cursors.encode(scope, user, next_after) if next_after is not None else None,

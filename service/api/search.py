@@ -9,10 +9,11 @@ from litestar.datastructures import State
 from litestar.params import QueryParameter
 
 from service import search as searching
-from service.api import schemas
-from service.api.cursors import Cursors
-from service.api.routes import Cursor, Limit, MinPosition, User, page_of, parse_uuid, problems, wait
+from service import shapes
+from service.api.routes import Cursor, Limit, MinPosition, User, page_of, problems, wait
+from service.cursors import Cursors
 from service.events import CLEAN_TEXT, Role
+from service.ids import parse_uuid
 
 
 @get(
@@ -36,8 +37,8 @@ async def search(
     limit: Limit = 20,
     cursor: Cursor = None,
     min_position: MinPosition = None,
-) -> schemas.Page[searching.SearchResult]:
-    await wait(state, min_position)
+) -> shapes.Page[searching.SearchResult]:
+    await wait(state, user, min_position)
     cursors: Cursors = state.cursors
     cid = parse_uuid(conversation_id) if conversation_id is not None else None
     scope = searching.cursor_scope(q, cid, role)

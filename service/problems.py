@@ -16,11 +16,11 @@ from litestar.exceptions import HTTPException, NotAuthorizedException, Validatio
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import Receive, Scope, Send
 
-from service.api.schemas import Problem
 from service.assistants import AssistantError
 from service.errors import BadRequest, ConversationExists, NotReady, Unauthorized
 from service.events import EventValidationError
 from service.eventstore import IdempotencyMismatch, NotFound, StaleTransaction, VersionConflict
+from service.shapes import Problem
 
 log = logging.getLogger(__name__)
 
