@@ -8,9 +8,12 @@ fresh database `chatlog_bench_append` is created (and dropped at the end). Each 
 each concurrency, the raw loop and then the store for a fixed time; rounds alternate so drift
 hits both alike, and the median round is reported.
 
-- store: `EventStore.append` of one `message.appended` event: validation, a connection from the
-  store's pool, one INSERT ... SELECT that reads the stream head, and a coalesced NOTIFY after
-  commit; each task appends to its own conversation;
+- store: `EventStore.append` of one `message.appended` event, as `chatlog serve` runs it: with
+  group commit (appends that arrive together share one statement, transaction and commit),
+  validation and a coalesced NOTIFY after commit; each task appends to its own conversation;
+- store-solo: the same store with group commit off (each append its own one-statement
+  transaction on a pooled connection): the store as it was before group commit, for the
+  latency comparison at concurrency 1;
 - raw: one `INSERT INTO events ... VALUES (...)` per transaction, each task on a connection of
   its own, the version computed client-side, the INSERT sent alone (its own implicit
   transaction: one round trip) — the least any append to this table can cost. The target
@@ -60,6 +63,7 @@ class Measured(NamedTuple):
     rate: float  # operations per second
     client_us: float  # this process's CPU per operation, microseconds
     other_us: float  # the rest of the machine's CPU per operation (nan without /proc)
+    p99_ms: float  # the 99th percentile of one operation's latency
 
 
 async def run_for(seconds: float, concurrency: int, op: Callable[[int, int], Awaitable[None]]) -> Measured:
@@ -67,11 +71,14 @@ async def run_for(seconds: float, concurrency: int, op: Callable[[int, int], Awa
     machine, cpu = machine_cpu_seconds(), time.process_time()
     deadline = time.perf_counter() + seconds
     counts = [0] * concurrency
+    latencies: list[float] = []
 
     async def worker(task: int) -> None:
         i = 0
-        while time.perf_counter() < deadline:
+        clock = time.perf_counter
+        while (began := clock()) < deadline:
             await op(task, i)
+            latencies.append(clock() - began)
             i += 1
         counts[task] = i
 
@@ -81,7 +88,8 @@ async def run_for(seconds: float, concurrency: int, op: Callable[[int, int], Awa
     client = time.process_time() - cpu
     busy = machine_cpu_seconds()
     other = busy - machine - client if busy is not None and machine is not None else math.nan
-    return Measured(done / elapsed, client / done * 1e6, other / done * 1e6)
+    p99 = statistics.quantiles(latencies, n=100)[98] * 1000 if len(latencies) > 1 else math.nan
+    return Measured(done / elapsed, client / done * 1e6, other / done * 1e6, p99)
 
 
 async def main() -> None:
@@ -101,6 +109,7 @@ async def main() -> None:
     await migrate(engine)
     await engine.dispose()
     store = EventStore(ConnectionPool(url, size=top))
+    solo = EventStore(ConnectionPool(url, size=top), group_commit=False)
     # The raw loop's best case: each task keeps a connection of its own (no pool in between).
     raw_conns = [await asyncpg.connect(libpq(url)) for _ in range(top)]
     version = await raw_conns[0].fetchval("SHOW server_version")
@@ -126,6 +135,11 @@ async def main() -> None:
             f"user{task}", stream(task), [MessageAppended(message_id=uuid7(), role="user", content=content)]
         )
 
+    async def solo_op(task: int, i: int) -> None:
+        await solo.append(
+            f"user{task}", stream(task), [MessageAppended(message_id=uuid7(), role="user", content=content)]
+        )
+
     raw_sql = (
         "INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata) "
         "VALUES ($1, $2, $3, $4, 'message.appended', $5::jsonb, '{\"schema_version\": 1}'::jsonb)"
@@ -145,7 +159,7 @@ async def main() -> None:
         )
 
     metadata = '{"schema_version": 1}'
-    kinds = {"raw": raw_op, "raw-tx": raw_tx_op, "store-sql": store_sql_op, "store": store_op}
+    kinds = {"raw": raw_op, "raw-tx": raw_tx_op, "store-sql": store_sql_op, "store-solo": solo_op, "store": store_op}
     results: dict[tuple[str, int], list[Measured]] = {}
     for _ in range(args.rounds):
         for c in args.concurrency:
@@ -160,10 +174,19 @@ async def main() -> None:
     for c in args.concurrency:
         s, r, t = (median(k, c, "rate") for k in ("store", "raw", "raw-tx"))
         print(f"{c:>11} {s:>11.0f} {r:>10.0f} {s / r:>6.2f} {t:>12.0f} {s / t:>6.2f}")
-    print("target: store >= 0.9 x raw at concurrency 32")
+    print("target: store >= 1.5 x raw at concurrency 32")
+    if 1 in args.concurrency:
+        grouped, alone = median("store", 1, "p99_ms"), median("store-solo", 1, "p99_ms")
+        print(
+            f"concurrency 1, p99 latency: store {grouped:.3f} ms, store-solo {alone:.3f} ms: "
+            f"{grouped / alone:.2f} x (target <= 1.1 x)"
+        )
     print("\nper contender: medians of the rounds; CPU in microseconds per event, this process's (client)")
     print("and the rest of the machine's (server: PostgreSQL, when nothing else runs)")
-    header = f"{'concurrency':>11} {'contender':>10} {'ev/s':>8} {'x raw':>6} {'client CPU':>10} {'server CPU':>10}"
+    header = (
+        f"{'concurrency':>11} {'contender':>10} {'ev/s':>8} {'x raw':>6} {'client CPU':>10} {'server CPU':>10}"
+        f" {'p99 ms':>7}"
+    )
     print(f"{header}   rounds ev/s")
     for c in args.concurrency:
         for kind in kinds:
@@ -171,11 +194,13 @@ async def main() -> None:
             rounds = ", ".join(f"{m.rate:.0f}" for m in results[(kind, c)])
             print(
                 f"{c:>11} {kind:>10} {rate:>8.0f} {rate / median('raw', c, 'rate'):>6.2f} "
-                f"{median(kind, c, 'client_us'):>10.1f} {median(kind, c, 'other_us'):>10.1f}   {rounds}"
+                f"{median(kind, c, 'client_us'):>10.1f} {median(kind, c, 'other_us'):>10.1f}"
+                f" {median(kind, c, 'p99_ms'):>7.3f}   {rounds}"
             )
 
-    await store.aclose()
-    await store.pool.close()
+    for each in (store, solo):
+        await each.aclose()
+        await each.pool.close()
     for conn in raw_conns:
         await conn.close()
     await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")

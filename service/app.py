@@ -118,7 +118,7 @@ def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pool = ConnectionPool(url, size=settings.db_pool_size)
-        store = EventStore(pool)
+        store = EventStore(pool, group_commit=settings.group_commit)
         collector.store = store
         app.state.pool, app.state.store = pool, store
         app.state.chat = Chat(settings, store, app.state.heads, make_assistant(settings))

@@ -540,7 +540,7 @@ async def serve_stdio(settings: Settings, user: str) -> None:
 
     assert settings.database_url
     pool = ConnectionPool(settings.database_url, size=4)
-    store = EventStore(pool)
+    store = EventStore(pool, group_commit=settings.group_commit)
     workers = start_workers(settings, store) if settings.run_workers else {}
 
     async def fixed_user(ctx: Context) -> str:

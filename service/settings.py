@@ -26,6 +26,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8000
     db_pool_size: int = 20
+    group_commit: bool = True  # appends that arrive together share a transaction (DESIGN.md)
     log_level: str = "INFO"
     run_workers: bool = True  # `chatlog serve` runs the projection workers in-process
     projection_batch_size: int = 1000
