@@ -108,7 +108,8 @@ async def main() -> None:
     engine = make_engine(url, pool_size=top)
     await migrate(engine)
     await engine.dispose()
-    store = EventStore(ConnectionPool(url, size=top))
+    in_flight = int(os.environ.get("CHATLOG_GROUP_COMMIT_BATCHES", "2"))
+    store = EventStore(ConnectionPool(url, size=top), batches_in_flight=in_flight)
     solo = EventStore(ConnectionPool(url, size=top), group_commit=False)
     # The raw loop's best case: each task keeps a connection of its own (no pool in between).
     raw_conns = [await asyncpg.connect(libpq(url)) for _ in range(top)]

@@ -172,13 +172,14 @@ ORDER BY e.ord
 RETURNING position, stream_version, recorded_at
 """
 
-# Group commit: the commands of a batch as one statement in one transaction, one row per event
-# (command values repeated). Each command is checked as alone: the owner and its expected
-# version against the stream's head (looked up unless the store remembers it: `at`), and any
-# unique conflict (a lost race, a used idempotency key, events already stored) skips the row
-# instead of failing the statement. The store answers a command whose rows were all inserted;
-# one with none goes on alone; one with some (a multi-event command that half-conflicted) makes
-# the store roll the batch back. Rows go in by stream, so that batches lock in one order.
+# Group commit: the commands of a batch as one statement, so one transaction and one round trip,
+# one row per event (command values repeated). Each command is checked as if alone, against its
+# stream's head (looked up unless the store remembers it: `at`): the owner, and its expected
+# version. A command that fails a check inserts none of its rows (its rows share the check) and
+# is settled alone afterwards. A unique conflict (a lost race with another process, a used
+# idempotency key, events already stored by a try whose answer was lost) fails the statement,
+# and every command of the batch goes alone: rare, and cheaper than the speculative insertion
+# of ON CONFLICT on every row. Rows go in by stream, so that batches lock in one order.
 _APPEND_BATCH = """
 INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
                     idempotency_key, request_fingerprint)
@@ -195,7 +196,6 @@ LEFT JOIN LATERAL (
 WHERE coalesce(head.user_id, e.user_id) = e.user_id
   AND (e.expected IS NULL OR coalesce(e.at, head.stream_version, 0) = e.expected)
 ORDER BY e.stream_id, e.ord
-ON CONFLICT DO NOTHING
 RETURNING event_id, position, stream_version, recorded_at
 """
 
@@ -629,10 +629,6 @@ _CONNECTION_LOST: Final = (
 )
 
 
-class _Partial(Exception):
-    """A multi-event command of the batch was inserted in part: roll the batch back."""
-
-
 class GroupCommit:
     """Appends that arrive together share one transaction, one statement and one commit (DESIGN.md).
 
@@ -654,23 +650,75 @@ class GroupCommit:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._waking = False  # a batch's answers were just handed out, in this turn of the loop
 
     async def submit(self, prepared: Prepared) -> Appended:
+        if not self.queue and self.in_flight < self.max_in_flight:
+            return await self._lead(prepared)
         waiting = _Waiting(prepared, asyncio.get_running_loop().create_future())
         self.queue.append(waiting)
         if self.in_flight < self.max_in_flight:
             self._start()
+        return await self._answer(waiting)
+
+    async def _answer(self, waiting: _Waiting) -> Appended:
         try:
-            return await asyncio.shield(waiting.future)
+            return await waiting.future
         except asyncio.CancelledError:
-            # A caller that gives up while queued is taken out; once its batch runs, the batch
-            # goes on (its other commands need it) and only this answer is dropped.
+            # A caller that gives up while queued is taken out; once its batch runs (in a task of
+            # its own), the batch goes on for its other commands and only this answer is dropped.
             with contextlib.suppress(ValueError):
                 self.queue.remove(waiting)
-            waiting.future.add_done_callback(_retrieve)  # nobody awaits it now: never "never retrieved"
             raise
 
+    async def _lead(self, prepared: Prepared) -> Appended:
+        """A free slot and nothing queued: this command takes the slot. If a batch has just
+        handed out its answers, it yields once, so that the callers woken with it can queue
+        behind it, and they go as one batch. Alone, it goes at once in its own task: the idle
+        path creates no task and no future, and waits for nothing."""
+        self.in_flight += 1
+        self._idle.clear()
+        if self._waking:  # answers of a batch are being handed out: their callers may come back now
+            try:
+                await asyncio.sleep(0)
+            except BaseException:
+                self._done()
+                raise
+        if self.queue:
+            waiting = _Waiting(prepared, asyncio.get_running_loop().create_future())
+            self.queue.appendleft(waiting)
+            self._launch(self._take())
+            return await self._answer(waiting)
+        try:
+            async with self.store.pool.acquire() as conn:
+                result = await append_prepared(conn, prepared, heads=self.store.heads)
+            if not result.replayed:
+                self.store.appended(len(result.positions))
+            return result
+        finally:
+            self._done()
+
+    def _woken(self) -> None:
+        self._waking = False
+
+    def _done(self) -> None:
+        """A batch ended (or has its answer): the next one takes everything queued meanwhile."""
+        self.in_flight -= 1
+        if self.queue:
+            self._start()
+        elif self.in_flight == 0:
+            self._idle.set()
+
     def _start(self) -> None:
+        batch = self._take()
+        if batch:
+            self.in_flight += 1
+            self._idle.clear()
+            self._launch(batch)
+
+    def _take(self) -> list[_Waiting]:
+        """The next batch from the queue, in order: up to `max_batch`, one command per stream (the
+        others stay queued for the next batch, in their order)."""
         batch: list[_Waiting] = []
         streams: set[int] = set()
         later: list[_Waiting] = []
@@ -678,31 +726,35 @@ class GroupCommit:
             waiting = self.queue.popleft()
             key = waiting.prepared.stream_id.int
             if key in streams:
-                later.append(waiting)  # one command per stream and batch: the next batch takes it
+                later.append(waiting)
             else:
                 streams.add(key)
                 batch.append(waiting)
         self.queue.extendleft(reversed(later))
-        if not batch:
-            return
-        self.in_flight += 1
-        self._idle.clear()
+        return batch
+
+    def _launch(self, batch: list[_Waiting]) -> None:
+        """Run `batch` in a task of its own, in a slot already taken."""
         task = asyncio.get_running_loop().create_task(self._run(batch), name="group-commit")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[_Waiting]) -> None:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._done()
+
         try:
             if len(batch) == 1:
                 await self._alone(batch[0], in_doubt=False)
             else:
-                await self._together(batch)
+                await self._together(batch, release)
         finally:
-            self.in_flight -= 1
-            if self.queue:
-                self._start()
-            elif self.in_flight == 0:
-                self._idle.set()
+            release()
 
     async def _alone(self, waiting: _Waiting, *, in_doubt: bool) -> None:
         """One command in its own transaction(s), as `append_prepared` runs it."""
@@ -719,54 +771,40 @@ class GroupCommit:
             self.store.appended(len(result.positions))
         _settle(waiting, result)
 
-    async def _together(self, batch: list[_Waiting]) -> None:
+    async def _together(self, batch: list[_Waiting], release: Callable[[], None]) -> None:
+        """The batch as one statement; `release` frees its slot as soon as the database has answered,
+        so that the next batch is on its way while this one's answers are handed out."""
         heads = self.store.heads
-        columns: list[list[Any]] = [[] for _ in range(11)]
+        rows: list[tuple[Any, ...]] = []
         for waiting in batch:
             p = waiting.prepared
             at: int | None = None
             known = heads.get(p.stream_id)
             if known is not None and known[0] == p.user_id and p.expected_version in (None, known[1]):
                 at = known[1]
+            expected, key, fingerprint = p.expected_version, p.idempotency_key, p.fingerprint
             for i, event_id in enumerate(p.event_ids):
-                first = i == 0
-                for column, value in zip(
-                    columns,
-                    (
-                        event_id,
-                        p.stream_id,
-                        p.user_id,
-                        p.types[i],
-                        p.data[i],
-                        p.metadatas[i],
-                        i + 1,
-                        at,
-                        p.expected_version,
-                        p.idempotency_key if first else None,
-                        p.fingerprint if first else None,
-                    ),
-                    strict=True,
-                ):
-                    column.append(value)
+                rows.append((
+                    event_id, p.stream_id, p.user_id, p.types[i], p.data[i], p.metadatas[i], i + 1, at, expected,
+                    key, fingerprint,
+                ))  # fmt: skip
+                key = fingerprint = None  # on the command's first event only
+        columns = [list(column) for column in zip(*rows, strict=True)]
         inserted: dict[uuid.UUID, Any] = {}
         try:
-            async with self.store.pool.acquire() as conn, conn.transaction():
-                for row in await conn.fetch(_APPEND_BATCH, *columns):
-                    inserted[row[0]] = row
-                for waiting in batch:
-                    found = sum(1 for event_id in waiting.prepared.event_ids if event_id in inserted)
-                    if 0 < found < len(waiting.prepared.event_ids):
-                        raise _Partial
+            async with self.store.pool.acquire() as conn:
+                inserted = {row[0]: row for row in await conn.fetch(_APPEND_BATCH, *columns)}
         except _CONNECTION_LOST:
             # Committed or not: unknown. Each command looks for its own events, then goes alone.
             await asyncio.gather(*(self._alone(w, in_doubt=True) for w in batch))
             return
         except Exception:
-            # A half-inserted command, a deadlock, anything else: nothing of the batch committed;
-            # each command goes alone, so that only one at fault fails.
+            # A unique conflict, a deadlock, anything else: nothing of the batch committed; each
+            # command goes alone, so that only one at fault fails.
             log.debug("a batch of %d appends fell back to appending one by one", len(batch), exc_info=True)
             await asyncio.gather(*(self._alone(w, in_doubt=False) for w in batch))
             return
+        release()
         self.batches += 1
         leftover: list[_Waiting] = []
         count = 0
@@ -791,17 +829,14 @@ class GroupCommit:
             )
         if count:
             self.store.appended(count)
+            self._waking = True
+            asyncio.get_running_loop().call_soon(self._woken)  # runs after the callers it woke
         if leftover:  # each skipped command, alone: its own answer (replay, 404, 409) or a retry
             await asyncio.gather(*(self._alone(w, in_doubt=False) for w in leftover))
 
     async def drain(self) -> None:
         """Wait until every submitted command has been answered."""
         await self._idle.wait()
-
-
-def _retrieve(future: asyncio.Future[Appended]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def _settle(waiting: _Waiting, result: Appended | None = None, *, exc: BaseException | None = None) -> None:
@@ -822,7 +857,14 @@ class EventStore:
     appending commit. Workers also poll, so a lost wake-up only delays them.
     """
 
-    def __init__(self, pool: ConnectionPool, *, notify_interval: float = 0.005, group_commit: bool = True) -> None:
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        *,
+        notify_interval: float = 0.005,
+        group_commit: bool = True,
+        batches_in_flight: int = 2,
+    ) -> None:
         self.pool = pool
         self.notify_interval = notify_interval
         self._notify_due = False
@@ -830,7 +872,7 @@ class EventStore:
         self._local_listeners: list[Callable[[], None]] = []
         self.heads = StreamHeads()
         self.appended_events = 0
-        self.group = GroupCommit(self) if group_commit else None
+        self.group = GroupCommit(self, max_in_flight=batches_in_flight) if group_commit else None
 
     async def append(
         self,

@@ -76,6 +76,10 @@ async def test_a_crowd_of_mixed_commands_each_gets_the_answer_it_would_get_alone
         expected.append((store.append("alice", plain[0], [message("bad \x00 content")]), "invalid"))
     for _ in range(20):
         expected.append((store.append("bob", uuid7(), [ConversationStarted(title="new")], expected_version=0), "ok"))
+    several = [uuid7() for _ in range(10)]
+    for n, stream in enumerate(several):  # commands of three events: all three or none
+        events = [ConversationStarted(title="three"), message(f"several {n}a"), message(f"several {n}b")]
+        expected.append((store.append("bob", stream, events, expected_version=0), "ok"))
     expected.append(
         (store.append("bob", fresh[0], [ConversationStarted(title="taken")], expected_version=0), "conflict")
     )
@@ -116,6 +120,7 @@ async def test_a_crowd_of_mixed_commands_each_gets_the_answer_it_would_get_alone
     assert all(counted[f"plain {i}"] == 1 for i in range(60))
     assert all(counted[f"keyed {k}"] == 1 for k in range(10))
     assert counted["intruder"] == 0 and counted["stale"] == 0
+    assert all(streams[s] == [1, 2, 3] for s in several)
     assert used.position not in {p for a in answers.values() if isinstance(a, Appended) for p in a.positions}
 
 
