@@ -365,7 +365,7 @@ async def main() -> None:
         results: dict[str, list[dict[str, float]]] = {}
         singles: dict[str, list[dict[str, float]]] = {}
         lags: dict[str, list[float]] = {}
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for server in servers:
                 measured = wrk(naive[server], theirs, connections=32, seconds=args.seconds,
                                watch={"server": naive_procs[server]})  # fmt: skip
@@ -383,7 +383,8 @@ async def main() -> None:
                 stop(chatlog)
                 chatlog = None
             if SERVED in servers:  # one request at a time: group commit must not make a lone append wait
-                for name, grouped in (("chatlog 1", "true"), ("chatlog 1, group commit off", "false")):
+                pair = [("chatlog 1", "true"), ("chatlog 1, group commit off", "false")]
+                for name, grouped in pair if round_ % 2 == 0 else pair[::-1]:  # alternating: drift hits both
                     chatlog = serve(SERVED, CHATLOG_GROUP_COMMIT=grouped)
                     wrk(base, ours, connections=1, threads=1, seconds=1)
                     single = wrk(base, ours, connections=1, threads=1, seconds=args.seconds)

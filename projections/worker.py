@@ -28,12 +28,14 @@ import asyncpg
 import msgspec
 
 from projections.base import Projection, ProjectionError
-from service.connections import connect_args
+from service.connections import DATABASE_UNAVAILABLE, connect_args
 from service.eventstore import NOTIFY_CHANNEL, Checkpoint, RecordedEvent, read_all
 
 log = logging.getLogger(__name__)
 
-_CONNECTION_ERRORS: Final = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+
+# The database, not the events: retry the batch later (a deadlock or serialization failure too).
+_TRANSIENT: Final = (*DATABASE_UNAVAILABLE, asyncpg.exceptions.TransactionRollbackError)
 
 BeforeCommit = Callable[[Sequence[RecordedEvent]], Awaitable[None]]
 
@@ -50,7 +52,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # one batch then carries many events instead of each its own transaction.
     linger: float = 0.005
     standby_interval: float = 1.0
-    reconnect_interval: float = 1.0
+    reconnect_interval: float = 0.5  # the first delay after losing the database; doubled up to:
+    max_reconnect_interval: float = 2.0
 
 
 class ProjectionFailed(Exception):
@@ -115,8 +118,8 @@ async def _apply(
         async with conn.transaction():
             await projection.apply(conn, events, names)
     except (ProjectionError, asyncpg.PostgresError) as exc:
-        if isinstance(exc, _CONNECTION_ERRORS):
-            raise
+        if isinstance(exc, _TRANSIENT):
+            raise  # the database, not the event: the worker retries the batch
         position = exc.position if isinstance(exc, ProjectionError) else events[0].position
         return ProjectionFailed(projection.name, position, f"{type(exc).__name__}: {exc}")
     return None
@@ -158,19 +161,40 @@ class Worker:
         self.active = False
         self.failure: ProjectionFailed | None = None
         self.applied = 0
+        self.outage_since: float | None = None  # loop time the database was lost, while it is
+        self.crashed: str | None = None  # what killed it, while its supervisor waits to restart it
+        self._connected = False
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
 
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def sleep_unless_stopped(self, seconds: float) -> bool:
+        """Wait `seconds`, or less if stopped meanwhile; whether it was stopped."""
+        await self._sleep(seconds)
+        return self._stop.is_set()
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
 
     async def run(self) -> None:
-        """Until `stop()`; reconnects after connection errors. Other errors propagate (a crash)."""
+        """Until `stop()`, or until the projection stops on an event it cannot apply.
+
+        A database outage, however it shows (a broken or refused connection, a server shutting
+        down or starting up: 57P01, 57P03, a standby still read-only, a deadlock), rolls the
+        batch back and is retried with a growing, jittered delay (0.5 s to 2 s by default, jittered): the
+        worker rides out an outage of any length. One line is logged when an outage begins and
+        one when it ends. Anything else is a defect and propagates (`service.workers` logs it
+        and restarts the worker).
+        """
         name = self.projection.name
+        delay = self.settings.reconnect_interval
         while not self._stop.is_set():
             try:
                 await self._run_connected()
@@ -179,10 +203,24 @@ class Worker:
                 self.failure = failure
                 log.error("projection %s stopped at position %s: %s", name, failure.position, failure.error)
                 return
-            except _CONNECTION_ERRORS as exc:
+            except _TRANSIENT as exc:
                 self.active = False
-                log.warning("projection %s lost its database connection (%s); reconnecting", name, exc)
-                await self._sleep(self.settings.reconnect_interval * random.uniform(0.5, 1.5))
+                if self.outage_since is None:
+                    self.outage_since = asyncio.get_running_loop().time()
+                    log.warning("projection %s lost the database (%s: %s); retrying", name, type(exc).__name__, exc)
+                else:
+                    log.debug("projection %s: still no database (%s)", name, exc)
+                if self._connected:  # the outage began after a working spell: start again from the first delay
+                    delay, self._connected = self.settings.reconnect_interval, False
+                await self._sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, self.settings.max_reconnect_interval)
+
+    def _reconnected(self) -> None:
+        self._connected = True
+        if self.outage_since is not None:
+            seconds = asyncio.get_running_loop().time() - self.outage_since
+            log.warning("projection %s has the database again after %.1f s", self.projection.name, seconds)
+            self.outage_since = None
 
     async def _run_connected(self) -> None:
         conn: asyncpg.Connection = await asyncpg.connect(
@@ -193,9 +231,12 @@ class Worker:
                 # empty (analyzed before any row arrived) makes the per-row foreign-key check a
                 # sequential scan for good, and catch-up quadratic; custom plans stay correct.
                 "plan_cache_mode": "force_custom_plan",
+                # Never hold the server's horizon (and every projection) back by idling in a transaction.
+                "idle_in_transaction_session_timeout": "60s",
             },
         )
         try:
+            self._reconnected()
             if not await self._become_active(conn):
                 return
             await ensure_checkpoint(conn, self.projection.name)

@@ -34,7 +34,7 @@ from service.eventstore import EventStore
 from service.metrics import ChatlogCollector, make_registry
 from service.problems import EXCEPTION_HANDLERS
 from service.settings import Settings
-from service.workers import start_workers
+from service.workers import start_workers, worker_states
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class Readiness(msgspec.Struct):
     schema_revision: str | None
     expected_revision: str
     projections: dict[str, ProjectionStatus]
+    # This process's projection workers (when it runs them): active, standby, reconnecting,
+    # restarting (it died and waits to start again), failed or stopped.
+    workers: dict[str, str]
 
 
 @get("/healthz", sync_to_thread=False, tags=["operations"])
@@ -76,16 +79,21 @@ async def readyz(state: State) -> Response[Readiness]:
                 revision = await conn.fetchval("SELECT version_num FROM alembic_version")
             if revision == expected:
                 projections = await projection_status(conn, list(PROJECTIONS))
-    except Exception:
-        log.warning("readiness check could not reach the database", exc_info=True)
+    except Exception as exc:
+        log.warning("readiness check could not reach the database: %s: %s", type(exc).__name__, exc)
         database = "unavailable"
-    ready = database == "ok" and revision == expected and all(p.status == "ok" for p in projections.values())
+    workers = worker_states(state.workers)
+    running = all(w in ("active", "standby", "reconnecting") for w in workers.values())
+    ready = (
+        database == "ok" and revision == expected and running and all(p.status == "ok" for p in projections.values())
+    )
     body = Readiness(
         status="ready" if ready else "not_ready",
         database=database,
         schema_revision=revision,
         expected_revision=expected,
         projections=projections,
+        workers=workers,
     )
     return Response(body, status_code=200 if ready else 503)
 
@@ -122,7 +130,7 @@ def create_app(settings: Settings) -> Litestar:
         collector.store = store
         app.state.pool, app.state.store = pool, store
         app.state.chat = Chat(settings, store, app.state.heads, make_assistant(settings))
-        workers = start_workers(settings, store) if settings.run_workers else {}
+        workers = app.state.workers = start_workers(settings, store) if settings.run_workers else {}
         tools = mcp.Tools(settings, pool, store, app.state.heads, app.state.cursors, mcp.http_user(app.state.verifier))
         app.state.mcp = mcp.session_manager(mcp.build_server(tools))
         try:
@@ -166,6 +174,7 @@ def create_app(settings: Settings) -> Litestar:
                 "heads": ConversationHeads(),
                 "cursors": Cursors(settings.cursor_secret or jwt_secret(settings)),
                 "page_assets": page.load_assets(),
+                "workers": {},
             }
         ),
     )

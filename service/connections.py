@@ -13,12 +13,26 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.settings import database_url
+
+# Errors that say the database cannot be had right now, not that a statement is wrong: a broken
+# or refused connection (class 08, OSError), a server shutting down, starting up or crashed, or
+# an operator's cancel (class 57), no resources (class 53), a read-only standby answering for a
+# primary (25006: a failover under way). Whoever meets one retries later; nothing about the
+# data is learnt from it.
+DATABASE_UNAVAILABLE: Final = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+)
 
 
 def connect_args(url: str) -> dict[str, Any]:
@@ -36,7 +50,12 @@ def connect_args(url: str) -> dict[str, Any]:
 class ConnectionPool:
     def __init__(self, url: str, *, size: int = 20, **server_settings: str) -> None:
         self._connect_args = connect_args(url)
-        self._server_settings = {"application_name": "chatlog", **server_settings}
+        self._server_settings = {
+            "application_name": "chatlog",
+            # Never hold the server's horizon (and every projection) back by idling in a transaction.
+            "idle_in_transaction_session_timeout": "60s",
+            **server_settings,
+        }
         self._free = size  # connections that may still be checked out
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._idle: list[asyncpg.Connection] = []

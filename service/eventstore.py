@@ -28,7 +28,7 @@ from typing import Annotated, Any, Final
 import asyncpg
 import msgspec
 
-from service.connections import ConnectionPool
+from service.connections import DATABASE_UNAVAILABLE, ConnectionPool
 from service.events import (
     CLEAN_TEXT,
     SCHEMA_VERSIONS,
@@ -617,16 +617,10 @@ class _Waiting:
         self.prepared, self.future = prepared, future
 
 
-# What a lost connection raises: the batch's fate is then unknown, and each command is settled by
-# looking for its events (they carry ids of their own) before it is sent again.
-_CONNECTION_LOST: Final = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    ConnectionError,
-    OSError,
-)
+# A lost connection (or a database going away mid-batch) leaves the batch's fate unknown: each
+# command is then settled by looking for its events (they carry ids of their own) before it is
+# sent again.
+_CONNECTION_LOST: Final = DATABASE_UNAVAILABLE
 
 
 class GroupCommit:

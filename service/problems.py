@@ -8,6 +8,7 @@ of SQL reaches a client: an unexpected error is logged with the request id and a
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Final
 
 import msgspec
@@ -17,6 +18,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import Receive, Scope, Send
 
 from service.assistants import AssistantError
+from service.connections import DATABASE_UNAVAILABLE
 from service.errors import BadRequest, ConversationExists, NotReady, Unauthorized
 from service.events import EventValidationError
 from service.eventstore import IdempotencyMismatch, NotFound, StaleTransaction, VersionConflict
@@ -133,6 +135,21 @@ def _internal(request: Request[Any, Any, Any] | None, exc: Exception) -> Respons
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "an internal error occurred; it has been logged")
 
 
+_outage_logged_at: float | None = None
+OUTAGE_LOG_INTERVAL: Final = 30.0
+
+
+def _unavailable(request: Request[Any, Any, Any] | None, exc: Exception) -> Response[bytes]:
+    """The database cannot be had (down, restarting, failing over): 503 `not_ready`, and one log
+    line per outage (again every 30 s while it lasts), not a traceback per request."""
+    global _outage_logged_at
+    now = time.monotonic()
+    if _outage_logged_at is None or now - _outage_logged_at > OUTAGE_LOG_INTERVAL:
+        _outage_logged_at = now
+        log.warning("the database is unavailable (%s: %s); answering 503 meanwhile", type(exc).__name__, exc)
+    return problem(503, "the database is unavailable right now; retry shortly", headers={"Retry-After": "1"})
+
+
 def _recursion(request: Request[Any, Any, Any] | None, exc: RecursionError) -> Response[bytes]:
     """msgspec decodes nested JSON on the stack: a body nested deeper than it allows is bad input.
     Any other RecursionError is a defect of ours."""
@@ -160,6 +177,7 @@ EXCEPTION_HANDLERS: Final[dict[int | type[Exception], Any]] = {
     # Litestar meets a body that is not UTF-8 before any handler: bad input, not a server error.
     UnicodeDecodeError: lambda r, e: problem(422, "the body is not valid UTF-8"),
     RecursionError: _recursion,
+    **dict.fromkeys(DATABASE_UNAVAILABLE, _unavailable),
     Unauthorized: lambda r, e: problem(401, _clean(str(e)), headers={"WWW-Authenticate": "Bearer"}),
     NotReady: lambda r, e: problem(503, str(e), headers={"Retry-After": str(e.retry_after)}),
     AssistantError: lambda r, e: problem(

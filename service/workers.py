@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from projections import select
 from projections.worker import Worker, WorkerSettings
 from service.eventstore import EventStore
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def worker_settings(settings: Settings) -> WorkerSettings:
@@ -26,5 +29,42 @@ def start_workers(settings: Settings, store: EventStore | None = None) -> dict[W
         worker = Worker(settings.database_url, projection, worker_settings(settings))
         if store is not None:
             store.on_append(worker.wake)
-        workers[worker] = asyncio.get_running_loop().create_task(worker.run(), name=f"projection-{projection.name}")
+        workers[worker] = asyncio.get_running_loop().create_task(
+            supervise(worker), name=f"projection-{projection.name}"
+        )
     return workers
+
+
+async def supervise(worker: Worker) -> None:
+    """Run `worker` until it is stopped (or its projection stops on an event). A worker that dies
+    of anything else, a defect, is logged with its traceback and started again after 1 s, then
+    2, 4, ... up to 60 s; meanwhile `worker_states` says "restarting" and /readyz answers 503."""
+    delay = 1.0
+    while True:
+        try:
+            await worker.run()
+            return
+        except Exception as exc:
+            worker.crashed = f"{type(exc).__name__}: {exc}"
+            log.exception("projection worker %s died; restarting it in %.0f s", worker.projection.name, delay)
+            if await worker.sleep_unless_stopped(delay):
+                return
+            delay = min(delay * 2, 60.0)
+            worker.crashed = None
+
+
+def worker_states(workers: dict[Worker, asyncio.Task[None]]) -> dict[str, str]:
+    """What each projection worker of this process is doing; all but "active", "standby" and
+    "reconnecting" (riding out an outage) mean that no worker of it runs here."""
+    states: dict[str, str] = {}
+    for worker, task in workers.items():
+        if worker.crashed is not None:
+            state = "restarting"
+        elif task.done():
+            state = "failed" if worker.failure is not None else "stopped"
+        elif worker.outage_since is not None:
+            state = "reconnecting"
+        else:
+            state = "active" if worker.active else "standby"
+        states[worker.projection.name] = state
+    return states
