@@ -24,7 +24,7 @@ from service.settings import database_url
 # or refused connection (class 08, OSError), a server shutting down, starting up or crashed, or
 # an operator's cancel (class 57), no resources (class 53), a read-only standby answering for a
 # primary (25006: a failover under way). Whoever meets one retries later; nothing about the
-# data is learnt from it.
+# data is learnt from it, and the pool drops the connection it came from.
 DATABASE_UNAVAILABLE: Final = (
     OSError,
     asyncpg.PostgresConnectionError,
@@ -32,6 +32,9 @@ DATABASE_UNAVAILABLE: Final = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.ReadOnlySQLTransactionError,
+    # An idle pooled connection that the server closed under it (a shutdown's FATAL 57P01 that
+    # arrived while nobody was reading) fails its next use with this, before the socket closes.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -107,8 +110,8 @@ class ConnectionPool:
     def _put(self, conn: asyncpg.Connection, error: BaseException | None) -> None:
         if error is None or isinstance(error, Exception):
             # The server refused a statement, or the caller's own error: the connection is fine,
-            # unless the socket or the protocol state broke.
-            reusable = not isinstance(error, (OSError, asyncpg.InterfaceError))
+            # unless the socket or the protocol state broke, or the server is going away.
+            reusable = not isinstance(error, DATABASE_UNAVAILABLE)
         else:
             reusable = False  # cancelled mid-statement: do not trust its state
         if reusable and not (conn.is_closed() or conn.is_in_transaction() or self._closed):

@@ -909,6 +909,9 @@ class EventStore:
             try:
                 async with self.pool.acquire() as conn:
                     await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+            except DATABASE_UNAVAILABLE as exc:  # an outage: the API and the workers say so once
+                log.debug("NOTIFY %s failed (%s); listeners will poll", NOTIFY_CHANNEL, exc)
+                return
             except Exception:
                 log.warning("NOTIFY %s failed; listeners will poll", NOTIFY_CHANNEL, exc_info=True)
                 return

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,10 +42,12 @@ def _free_port() -> int:
 class Cluster:
     """One PostgreSQL cluster in `base`, on a free port of 127.0.0.1, trust authentication."""
 
-    def __init__(self, base: Path, bin_dir: Path, *, port: int | None = None) -> None:
-        self.base, self.bin = base, bin_dir
-        self.data = base / "data"
-        self.log = base / "server.log"
+    def __init__(self, bin_dir: Path, *, port: int | None = None) -> None:
+        # Its own folder under the system's temporary one: the `postgres` user cannot enter
+        # pytest's (root's, mode 700).
+        self.base, self.bin = Path(tempfile.mkdtemp(prefix="chatlog-cluster-")), bin_dir
+        self.data = self.base / "data"
+        self.log = self.base / "server.log"
         self.port = port or _free_port()
         self.root = os.geteuid() == 0
 
@@ -53,10 +56,12 @@ class Cluster:
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [*(["runuser", "-u", "postgres", "--"] if self.root else []), *args]
-        return subprocess.run(command, capture_output=True, text=True, check=check, cwd="/")
+        done = subprocess.run(command, capture_output=True, text=True, check=False, cwd="/")
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {done.returncode}: {done.stdout}{done.stderr}")
+        return done
 
     def init(self, *extra: str) -> Cluster:
-        self.base.mkdir(parents=True, exist_ok=True)
         if self.root:
             shutil.chown(self.base, "postgres", "postgres")
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-N", *extra)

@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import pytest
@@ -704,3 +705,50 @@ def test_unknown_projection_names_are_refused(chatlog_env: dict[str, str]) -> No
     for command in ("replay", "verify", "project"):
         result = chatlog_cli(chatlog_env, command, "nope")
         assert result.returncode == 2 and "unknown projection" in result.stderr
+
+
+class _Flaky(ConversationsProjection):
+    """The conversations fold with a defect that bites its first `bites` batches."""
+
+    def __init__(self, bites: int) -> None:
+        super().__init__(search_config="simple")
+        self.bites = bites
+
+    async def apply(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent], names: Any) -> None:
+        if self.bites > 0:
+            self.bites -= 1
+            raise RuntimeError("a defect in the fold")
+        await super().apply(conn, events, names)
+
+
+async def test_a_worker_that_dies_of_a_defect_is_logged_shown_and_restarted(
+    store: EventStore, db_url: str, raw_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.workers import supervise, worker_states
+
+    stream = uuid7()
+    await store.append("alice", stream, [ConversationStarted(title="t")])
+    worker = Worker(db_url, _Flaky(bites=2), WorkerSettings(poll_interval=0.05))
+    task = asyncio.ensure_future(supervise(worker))
+    try:
+        deadline = time.monotonic() + 10
+        seen: set[str] = set()
+        while time.monotonic() < deadline:
+            seen.add(worker_states({worker: task})["conversations"])
+            conn = await asyncpg.connect(raw_dsn)
+            try:
+                done = await conn.fetchval("SELECT count(*) FROM conversations WHERE id = $1", stream)
+            finally:
+                await conn.close()
+            if done:
+                break
+            await asyncio.sleep(0.05)
+        assert done == 1, "the restarted worker never applied the event"
+        assert "restarting" in seen  # readiness shows it meanwhile
+        assert worker_states({worker: task})["conversations"] == "active"
+        died = [r for r in caplog.records if "died; restarting" in r.getMessage()]
+        assert len(died) == 2 and all(r.exc_info for r in died)  # each death logged, with its traceback
+    finally:
+        worker.stop()
+        await task
+    assert worker_states({worker: task})["conversations"] == "stopped"

@@ -23,7 +23,7 @@ RESTARTS = int(os.environ.get("CHATLOG_TEST_RESTARTS", "20"))
 
 
 async def test_postgres_restarted_under_load_is_ridden_out_without_restarting_chatlog(tmp_path: Path) -> None:
-    cluster = Cluster(tmp_path / "pg", require_pg_bin()).init()
+    cluster = Cluster(require_pg_bin()).init()
     cluster.start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
     env.update(
