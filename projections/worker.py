@@ -52,6 +52,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # one batch then carries many events instead of each its own transaction.
     linger: float = 0.005
     standby_interval: float = 1.0
+    # Warn (once a minute at most) when one transaction has held the horizon back this long.
+    horizon_warn_seconds: float = 30.0
     reconnect_interval: float = 0.5  # the first delay after losing the database; doubled up to:
     max_reconnect_interval: float = 2.0
 
@@ -164,6 +166,7 @@ class Worker:
         self.outage_since: float | None = None  # loop time the database was lost, while it is
         self.crashed: str | None = None  # what killed it, while its supervisor waits to restart it
         self._connected = False
+        self._horizon_checked = self._horizon_warned = float("-inf")
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -246,6 +249,7 @@ class Worker:
                 self._wake.clear()
                 applied = await apply_batch(conn, self.projection, self.settings.batch_size, self.before_commit)
                 self.applied += applied
+                await self._watch_horizon(conn)
                 if applied < self.settings.batch_size:
                     await self._sleep(self.settings.poll_interval, wakeable=True)
                     if self._wake.is_set() and not self._stop.is_set() and self.settings.linger > 0:
@@ -253,6 +257,25 @@ class Worker:
         finally:
             self.active = False
             conn.terminate()
+
+    async def _watch_horizon(self, conn: asyncpg.Connection) -> None:
+        """Once a second: warn, naming it, about a transaction that holds every projection
+        back (the horizon is the whole server's: one idle `BEGIN` anywhere freezes them)."""
+        now = asyncio.get_running_loop().time()
+        if now < self._horizon_checked + 1:
+            return
+        self._horizon_checked = now
+        holder = await horizon_holder(conn)
+        if holder is None or holder.seconds < self.settings.horizon_warn_seconds:
+            return
+        if now >= self._horizon_warned + 60:
+            self._horizon_warned = now
+            log.warning(
+                "projection %s is held back by a transaction open for %.0f s: application_name %r, state %r, "
+                "pid %s, database %s; events committed after it began wait until it ends",
+                self.projection.name, holder.seconds, holder.application_name, holder.state, holder.pid,
+                holder.database,
+            )  # fmt: skip
 
     async def _become_active(self, conn: asyncpg.Connection) -> bool:
         key = lock_key(self.projection.name)
@@ -270,6 +293,42 @@ class Worker:
         event = self._wake if wakeable else self._stop
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=seconds)
+
+
+class HorizonHolder(msgspec.Struct, frozen=True, kw_only=True):
+    """The oldest transaction still running on the database server, which every projection (and
+    the event feed) waits behind: events of newer transactions are read only once it ends."""
+
+    seconds: float
+    application_name: str
+    state: str
+    pid: int | None  # None for a prepared (two-phase) transaction
+    database: str | None
+
+
+# The transaction whose id is the current snapshot's xmin (the horizon), running or prepared.
+_HORIZON_HOLDER: Final = """
+WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::xid AS xmin)
+SELECT extract(epoch FROM clock_timestamp() - a.xact_start)::float8, a.application_name, a.state, a.pid, a.datname
+FROM pg_stat_activity AS a, horizon
+WHERE a.backend_xid = horizon.xmin AND a.xact_start IS NOT NULL
+UNION ALL
+SELECT extract(epoch FROM clock_timestamp() - p.prepared)::float8, 'prepared transaction ' || p.gid, 'prepared',
+       NULL, p.database
+FROM pg_prepared_xacts AS p, horizon
+WHERE p.transaction = horizon.xmin
+LIMIT 1
+"""
+
+
+async def horizon_holder(conn: asyncpg.Connection) -> HorizonHolder | None:
+    """The transaction that holds the horizon back now, if any (none while nothing writes)."""
+    row = await conn.fetchrow(_HORIZON_HOLDER)
+    if row is None:
+        return None
+    return HorizonHolder(
+        seconds=max(0.0, row[0]), application_name=row[1] or "", state=row[2] or "", pid=row[3], database=row[4]
+    )
 
 
 class ProjectionStatus(msgspec.Struct, frozen=True, kw_only=True):

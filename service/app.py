@@ -16,7 +16,7 @@ from litestar.response import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from projections import PROJECTIONS
-from projections.worker import ProjectionStatus, projection_status
+from projections.worker import HorizonHolder, ProjectionStatus, horizon_holder, projection_status
 from service import mcp, page
 from service.api.chat import ROUTES as CHAT_ROUTES
 from service.api.chat import document_stream
@@ -52,6 +52,9 @@ class Readiness(msgspec.Struct):
     # This process's projection workers (when it runs them): active, standby, reconnecting,
     # restarting (it died and waits to start again), failed or stopped.
     workers: dict[str, str]
+    # The age of the oldest transaction on the server that holds the projections back (0: none).
+    horizon_held_seconds: float
+    horizon_holder: HorizonHolder | None
 
 
 @get("/healthz", sync_to_thread=False, tags=["operations"])
@@ -72,6 +75,7 @@ async def readyz(state: State) -> Response[Readiness]:
     expected: str = state.head_revision
     revision: str | None = None
     projections: dict[str, ProjectionStatus] = {}
+    holder: HorizonHolder | None = None
     database = "ok"
     try:
         async with state.pool.acquire() as conn:
@@ -79,6 +83,7 @@ async def readyz(state: State) -> Response[Readiness]:
                 revision = await conn.fetchval("SELECT version_num FROM alembic_version")
             if revision == expected:
                 projections = await projection_status(conn, list(PROJECTIONS))
+            holder = await horizon_holder(conn)
     except Exception as exc:
         log.warning("readiness check could not reach the database: %s: %s", type(exc).__name__, exc)
         database = "unavailable"
@@ -94,6 +99,8 @@ async def readyz(state: State) -> Response[Readiness]:
         expected_revision=expected,
         projections=projections,
         workers=workers,
+        horizon_held_seconds=round(holder.seconds, 3) if holder else 0.0,
+        horizon_holder=holder,
     )
     return Response(body, status_code=200 if ready else 503)
 
@@ -109,8 +116,10 @@ async def metrics(state: State) -> Response[bytes]:
     try:
         async with state.pool.acquire() as conn:
             collector.projections = await projection_status(conn, list(PROJECTIONS))
-    except Exception:
-        log.warning("metrics could not read projection status", exc_info=True)
+            holder = await horizon_holder(conn)
+            collector.horizon_held_seconds = holder.seconds if holder else 0.0
+    except Exception as exc:
+        log.warning("metrics could not read projection status: %s: %s", type(exc).__name__, exc)
         collector.projections = {}
     return Response(generate_latest(state.metrics_registry), media_type=METRICS_MEDIA_TYPE)
 

@@ -20,6 +20,7 @@ class ChatlogCollector(Collector):
     def __init__(self) -> None:
         self.store: EventStore | None = None  # set once the app has started
         self.projections: dict[str, ProjectionStatus] = {}
+        self.horizon_held_seconds = 0.0
 
     def collect(self) -> Iterator[Metric]:
         appended = self.store.appended_events if self.store is not None else 0
@@ -44,6 +45,11 @@ class ChatlogCollector(Collector):
             gauges["lag_seconds"].add_metric([name], status.lag_seconds)
             gauges["failed"].add_metric([name], 1.0 if status.status == "failed" else 0.0)
         yield from gauges.values()
+        yield GaugeMetricFamily(
+            "chatlog_horizon_held_seconds",
+            "Age of the oldest transaction on the server that holds the projections back (0: none)",
+            value=self.horizon_held_seconds,
+        )
 
 
 def make_registry() -> tuple[CollectorRegistry, ChatlogCollector]:

@@ -32,6 +32,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     projection_batch_size: int = 1000
     projection_poll_interval: float = 1.0
     projection_linger: float = 0.005
+    horizon_warn_seconds: float = 30.0  # the worker warns about a transaction holding the horizon this long
     replay_batch_size: int = 5000
     # HTTP limits (shared/API.md)
     max_body_bytes: int = 1_048_576

@@ -18,6 +18,7 @@ def worker_settings(settings: Settings) -> WorkerSettings:
         batch_size=settings.projection_batch_size,
         poll_interval=settings.projection_poll_interval,
         linger=settings.projection_linger,
+        horizon_warn_seconds=settings.horizon_warn_seconds,
     )
 
 

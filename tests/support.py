@@ -38,6 +38,7 @@ class Api:
         self.base_url = base_url
         self.db_url = db_url
         self.client = httpx.AsyncClient(base_url=base_url, timeout=30, limits=httpx.Limits(max_connections=100))
+        self.log: Path | None = None  # the server's output, where it is a subprocess of the tests
 
     async def create(self, user: str, **body: Any) -> dict[str, Any]:
         r = await self.client.post("/v1/conversations", json=body, headers=auth(user))
@@ -78,6 +79,7 @@ async def serve_api(
     )
     served = serve(env, port, tmp_path_factory.mktemp("api-log") / "serve.log")
     client = Api(served.base_url, db_url)
+    client.log = served.log
     yield client
     await client.client.aclose()
     out = served.stop()
