@@ -342,11 +342,8 @@ async def append(
     stream_id: uuid.UUID,
     events: Sequence[Event],
     *,
-    expected_version: int | None = None,
-    idempotency_key: str | None = None,
-    fingerprint: bytes | None = None,
-    metadata: dict[str, Any] | None = None,
     heads: StreamHeads | None = None,
+    **options: Any,
 ) -> Appended:
     """Append `events` to a stream of `user_id` as one transaction.
 
@@ -354,6 +351,8 @@ async def append(
     caller's transaction each attempt runs in a savepoint (and commits with the caller).
     `heads` (outside transactions only) lets it insert at a stream's remembered head without
     looking the head up.
+
+    The options are `prepare`'s:
 
     - `expected_version`: the stream's version the caller saw (0: the stream must not exist);
       a stale one raises `VersionConflict` and writes nothing. Without it the events go after
@@ -365,16 +364,7 @@ async def append(
     - A stream that belongs to another user raises `NotFound` (or `VersionConflict` for
       `expected_version=0`: that stream id is taken).
     """
-    prepared = prepare(
-        user_id,
-        stream_id,
-        events,
-        expected_version=expected_version,
-        idempotency_key=idempotency_key,
-        fingerprint=fingerprint,
-        metadata=metadata,
-    )
-    return await append_prepared(conn, prepared, heads=heads)
+    return await append_prepared(conn, prepare(user_id, stream_id, events, **options), heads=heads)
 
 
 async def append_prepared(

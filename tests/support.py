@@ -53,6 +53,11 @@ class Api:
         return dict(r.json())
 
 
+def fake_model(base_url: str) -> dict[str, str]:
+    """Settings that make `chatlog serve` ask the fake OpenAI-compatible server at `base_url`."""
+    return {"CHATLOG_ASSISTANT": "openai", "CHATLOG_OPENAI_BASE_URL": base_url, "CHATLOG_OPENAI_MODEL": "fake-model"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 
 from tests.conftest import Databases
 from tests.fake_openai import FakeOpenAI
-from tests.support import Api, assert_problem, auth, new_user, serve_api
+from tests.support import Api, assert_problem, auth, fake_model, new_user, serve_api
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,7 @@ async def llm(databases: Databases, tmp_path_factory: pytest.TempPathFactory, fa
     async for client in serve_api(
         databases,
         tmp_path_factory,
-        CHATLOG_ASSISTANT="openai",
-        CHATLOG_OPENAI_BASE_URL=fake.base_url,
-        CHATLOG_OPENAI_MODEL="fake-model",
+        **fake_model(fake.base_url),
         CHATLOG_OPENAI_READ_TIMEOUT="1",
         CHATLOG_CHAT_HISTORY_MESSAGES="5",
     ):

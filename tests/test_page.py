@@ -30,7 +30,7 @@ import pytest
 
 from tests.conftest import Databases
 from tests.fake_openai import FakeOpenAI
-from tests.support import SECRET, Api, auth, new_user, serve_api, token
+from tests.support import SECRET, Api, auth, fake_model, new_user, serve_api, token
 
 CHROMIUM = os.environ.get("CHATLOG_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
@@ -66,9 +66,7 @@ async def site(databases: Databases, tmp_path_factory: pytest.TempPathFactory, f
     async for client in serve_api(
         databases,
         tmp_path_factory,
-        CHATLOG_ASSISTANT="openai",
-        CHATLOG_OPENAI_BASE_URL=fake.base_url,
-        CHATLOG_OPENAI_MODEL="fake-model",
+        **fake_model(fake.base_url),
         CHATLOG_OPENAI_READ_TIMEOUT="5",
         CHATLOG_READ_WAIT_SECONDS="5",
     ):
