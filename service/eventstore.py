@@ -175,9 +175,10 @@ RETURNING position, stream_version, recorded_at
 # Group commit: the commands of a batch as one statement, so one transaction and one round trip,
 # one row per event (command values repeated). Each command is checked as if alone, against its
 # stream's head (looked up unless the store remembers it: `at`): the owner, and its expected
-# version. A command that fails a check inserts none of its rows (its rows share the check) and
-# is settled alone afterwards. A unique conflict (a lost race with another process, a used
-# idempotency key, events already stored by a try whose answer was lost) fails the statement,
+# version, and that its idempotency key is unused. A command that fails a check inserts none of
+# its rows (its rows share the check) and is settled alone afterwards (a replay, a mismatch, a
+# 404, a 409). A unique conflict (a race with another process, events already stored by a try
+# whose answer was lost) fails the statement,
 # and every command of the batch goes alone: rare, and cheaper than the speculative insertion
 # of ON CONFLICT on every row. Rows go in by stream, so that batches lock in one order.
 _APPEND_BATCH = """
@@ -195,6 +196,8 @@ LEFT JOIN LATERAL (
 ) AS head ON true
 WHERE coalesce(head.user_id, e.user_id) = e.user_id
   AND (e.expected IS NULL OR coalesce(e.at, head.stream_version, 0) = e.expected)
+  AND (e.idempotency_key IS NULL OR NOT EXISTS (
+      SELECT FROM events AS used WHERE used.user_id = e.user_id AND used.idempotency_key = e.idempotency_key))
 ORDER BY e.stream_id, e.ord
 RETURNING event_id, position, stream_version, recorded_at
 """
@@ -701,18 +704,21 @@ class GroupCommit:
             self._launch(batch)
 
     def _take(self) -> list[_Waiting]:
-        """The next batch from the queue, in order: up to `max_batch`, one command per stream (the
-        others stay queued for the next batch, in their order)."""
+        """The next batch from the queue, in order: up to `max_batch`, one command per stream and
+        per idempotency key (the others stay queued for the next batch, in their order)."""
         batch: list[_Waiting] = []
         streams: set[int] = set()
+        keys: set[tuple[str, str]] = set()
         later: list[_Waiting] = []
         while self.queue and len(batch) < self.max_batch:
             waiting = self.queue.popleft()
-            key = waiting.prepared.stream_id.int
-            if key in streams:
+            p = waiting.prepared
+            stream, key = p.stream_id.int, (p.user_id, p.idempotency_key or "")
+            if stream in streams or (p.idempotency_key is not None and key in keys):
                 later.append(waiting)
             else:
-                streams.add(key)
+                streams.add(stream)
+                keys.add(key)
                 batch.append(waiting)
         self.queue.extendleft(reversed(later))
         return batch
