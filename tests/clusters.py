@@ -50,6 +50,8 @@ class Cluster:
         self.log = self.base / "server.log"
         self.port = port or _free_port()
         self.root = os.geteuid() == 0
+        if self.root:
+            shutil.chown(self.base, "postgres", "postgres")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -62,8 +64,6 @@ class Cluster:
         return done
 
     def init(self, *extra: str) -> Cluster:
-        if self.root:
-            shutil.chown(self.base, "postgres", "postgres")
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-N", *extra)
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write(
