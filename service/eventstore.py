@@ -619,12 +619,13 @@ _CONNECTION_LOST: Final = DATABASE_UNAVAILABLE
 class GroupCommit:
     """Appends that arrive together share one transaction, one statement and one commit (DESIGN.md).
 
-    A command that finds no batch running is sent at once, as its own one-statement transaction:
-    an idle store waits for nothing. While `max_in_flight` batches run, arrivals queue; when one
-    ends, everything queued (up to `max_batch`, one command per stream) goes as the next batch.
-    Each command stays atomic and is answered as if alone: a command the batch's statement
-    skipped (a stale version, a foreign stream, a used key, a lost race) is settled alone
-    afterwards, and only a command whose events committed is answered with them.
+    A command that finds a free slot and nothing queued is sent at once, as its own one-statement
+    transaction: an idle store waits for nothing. While `max_in_flight` batches run, arrivals
+    queue; when the database answers one, everything queued (up to `max_batch`, one command per
+    stream and per idempotency key) goes as the next batch. Each command stays atomic and is
+    answered as if alone: a command the batch's statement skipped (a stale version, a foreign
+    stream, a used key) is settled alone afterwards, a unique conflict sends the whole batch
+    alone, and only a command whose events committed is answered with them.
     """
 
     def __init__(self, store: EventStore, *, max_batch: int = 256, max_in_flight: int = 2) -> None:
