@@ -38,6 +38,22 @@ async def _migrate(url: str, revision: str, *, down: bool = False) -> None:
         await (downgrade(engine, revision) if down else migrate(engine, revision))
     finally:
         await engine.dispose()
+    if not down and revision == "head":
+        await _settle_clock(url)
+
+
+async def _settle_clock(url: str) -> None:
+    """Keep the log's ids rising if it was restored into (or moved to) another server."""
+    import asyncpg
+
+    from service import clock
+    from service.connections import connect_args
+
+    conn = await asyncpg.connect(**connect_args(url))
+    try:
+        await clock.settle(conn)
+    finally:
+        await conn.close()
 
 
 def _exit_on_signals() -> None:
@@ -134,6 +150,7 @@ def _projections(settings: Settings, names: list[str]) -> tuple[list[Projection]
     settings = resolve_database(settings)
     assert settings.database_url
     _check_search_config(settings)
+    asyncio.run(_settle_clock(settings.database_url))
     return projections, settings, settings.database_url
 
 

@@ -134,7 +134,7 @@ FROM (SELECT) AS one
 LEFT JOIN LATERAL ({_HEAD}) AS head ON true
 WHERE coalesce(head.user_id, $2) = $2
   AND ($7::integer IS NULL OR coalesce(head.stream_version, 0) = $7::integer)
-  AND (head.tx_id IS NULL OR head.tx_id < pg_current_xact_id())
+  AND (head.tx_id IS NULL OR head.tx_id < chatlog_xact_id())
 RETURNING position, stream_version, recorded_at
 """
 
@@ -148,7 +148,7 @@ FROM unnest($3::uuid[], $4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS e
 LEFT JOIN LATERAL ({_HEAD}) AS head ON true
 WHERE coalesce(head.user_id, $2) = $2
   AND ($7::integer IS NULL OR coalesce(head.stream_version, 0) = $7::integer)
-  AND (head.tx_id IS NULL OR head.tx_id < pg_current_xact_id())
+  AND (head.tx_id IS NULL OR head.tx_id < chatlog_xact_id())
 ORDER BY e.ord
 RETURNING position, stream_version, recorded_at
 """
@@ -230,7 +230,7 @@ _READ_STREAM = (
 _READ_ALL = f"""
 SELECT {_COLUMNS} FROM events
 WHERE (tx_id, position) > ($1::xid8, $2::bigint)
-  AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+  AND tx_id < chatlog_horizon()
 ORDER BY tx_id, position
 LIMIT $3
 """
@@ -239,7 +239,7 @@ _READ_USER = f"""
 SELECT {_COLUMNS} FROM events
 WHERE user_id = $4
   AND (tx_id, position) > ($1::xid8, $2::bigint)
-  AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+  AND tx_id < chatlog_horizon()
 ORDER BY tx_id, position
 LIMIT $3
 """
@@ -468,7 +468,7 @@ async def append_prepared(
             if heads is not None:
                 heads.remember(stream_id, head[1], head[0])
             _check_head(stream_id, user_id, expected_version, head[1], head[0], exact=True)
-            if in_transaction and head[2] > await conn.fetchval("SELECT pg_current_xact_id()"):
+            if in_transaction and head[2] > await conn.fetchval("SELECT chatlog_xact_id()"):
                 raise StaleTransaction(
                     f"stream {stream_id} was appended to by a newer transaction; append in a new transaction"
                 )

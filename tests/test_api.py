@@ -236,7 +236,8 @@ async def test_tampered_and_foreign_cursors_are_422(api: Api) -> None:
     payload, mac = cursor.split(".")
     raw = base64.urlsafe_b64decode(payload + "==")
     forged = base64.urlsafe_b64encode(raw.replace(b'"conversations', b'"Conversations')).rstrip(b"=").decode()
-    for bad in (f"{forged}.{mac}", cursor[:-2] + "AA", "garbage", "a.b.c", "%00", cursor + "x" * 3000):
+    flipped = cursor[:-2] + ("AA" if cursor[-2:] != "AA" else "BB")  # always a different signature
+    for bad in (f"{forged}.{mac}", flipped, "garbage", "a.b.c", "%00", cursor + "x" * 3000):
         r = await api.client.get("/v1/conversations", params={"cursor": bad}, headers=auth(alice))
         assert_problem(r, 422, "validation_error")
     assert_problem(
