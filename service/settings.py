@@ -92,7 +92,8 @@ def database_url(url: str) -> str:
     if scheme not in ("postgresql", "postgres", "postgresql+asyncpg"):
         raise SettingsError(f"CHATLOG_DATABASE_URL: chatlog connects with asyncpg; use postgresql://, not {scheme}://")
     address, _, query = rest.partition("?")
-    parameters = []
+    address, hosts = _hosts_out_of(address)
+    parameters = list(hosts)
     for name, value in parse_qsl(query, keep_blank_values=True):
         name = "ssl" if name == "sslmode" else name
         if name not in _ASYNCPG_PARAMETERS:
@@ -102,6 +103,21 @@ def database_url(url: str) -> str:
             )
         parameters.append((name, value))
     return f"postgresql+asyncpg://{address}" + (f"?{urlencode(parameters)}" if parameters else "")
+
+
+def _hosts_out_of(address: str) -> tuple[str, list[tuple[str, str]]]:
+    """libpq's several hosts in the authority (`user@a:5432,b:5433/db`, for failover) as the
+    `host=a,b&port=5432,5433` parameters that asyncpg's URL reader takes."""
+    userinfo, at, rest = address.rpartition("@")
+    hostlist, slash, path = rest.partition("/")
+    if "," not in hostlist:
+        return address, []
+    hosts, ports = [], []
+    for item in hostlist.split(","):
+        host, colon, port = item.rpartition(":") if not item.endswith("]") else (item, "", "")
+        hosts.append(host if colon else item)
+        ports.append(port if colon else "5432")
+    return f"{userinfo}{at}{slash}{path}", [("host", ",".join(hosts)), ("port", ",".join(ports))]
 
 
 def _decode_path(type_: type, value: object) -> object:

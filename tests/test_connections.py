@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from service.connections import ConnectionPool
+from service.connections import ConnectionPool, connect_args
 
 
 async def backend(conn: asyncpg.Connection) -> int:
@@ -125,3 +125,18 @@ async def test_a_connection_left_in_a_transaction_is_not_reused(db_url: str) -> 
             assert await backend(conn) != pid and not conn.is_in_transaction()
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "hosts", "ports"),
+    [
+        ("postgresql://u:pw@a:5001,b:5002/chat?target_session_attrs=read-write", ["a", "b"], [5001, 5002]),
+        ("postgresql://u@a,b/chat", ["a", "b"], [5432, 5432]),
+        ("postgresql://u@/chat?host=a:5001&host=b:5002", ["a", "b"], [5001, 5002]),
+    ],
+)
+def test_several_hosts_for_failover_are_read_in_libpq_and_asyncpg_forms(
+    url: str, hosts: list[str], ports: list[int]
+) -> None:
+    args = connect_args(url)
+    assert (args["host"], args["port"], args["database"]) == (hosts, ports, "chat")

@@ -48,10 +48,8 @@ async def test_failover_to_a_synchronous_standby_loses_no_acknowledged_append(tm
         assert time.monotonic() < deadline, "the standby never became synchronous"
         await asyncio.sleep(0.1)
 
-    url = (
-        f"postgresql://postgres@/postgres?host=127.0.0.1:{primary.port}&host=127.0.0.1:{standby.port}"
-        "&target_session_attrs=read-write"
-    )
+    # libpq's form: both hosts in the address, the writable one wanted.
+    url = f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/postgres?target_session_attrs=read-write"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
     env.update(
         CHATLOG_DATABASE_URL=url,
