@@ -301,6 +301,23 @@ async def test_stop_ends_the_reply_and_keeps_the_question(web: Watched, site: Ap
     await expect(articles.nth(1)).to_contain_text("Tell me everything #drip")
 
 
+async def test_stopping_the_first_reply_of_a_new_chat_keeps_the_new_conversation(web: Watched, site: Api) -> None:
+    web.allow(failed="/v1/chat")
+    await web.sign_in(new_user())
+    page = web.page
+    await web.send("A brand new question #drip")
+    await expect(page.locator('article[data-role="assistant"][aria-busy="true"]')).to_contain_text("reply")
+    await page.get_by_role("button", name="Stop").click()
+    nav = page.get_by_role("navigation", name="Conversations")
+    await expect(nav.get_by_role("link", name="A brand new question #drip")).to_have_attribute("aria-current", "page")
+    await expect(page.get_by_role("heading", name="A brand new question #drip")).to_be_visible()
+    assert "#c=" in page.url
+    await web.send("A second question")  # goes to the same conversation, not a new one
+    articles = await web.stored(3)  # both questions, one reply: the stopped one was not stored
+    assert [await a.get_attribute("data-role") for a in await articles.all()] == ["user", "user", "assistant"]
+    await expect(nav.get_by_role("link")).to_have_count(1)
+
+
 async def test_an_assistant_failure_is_said_in_words_and_the_question_stays(web: Watched, site: Api) -> None:
     web.allow(502)
     await web.sign_in(new_user())
@@ -310,6 +327,8 @@ async def test_an_assistant_failure_is_said_in_words_and_the_question_stays(web:
     )
     articles = await web.stored(1)
     await expect(articles.first).to_contain_text("This will fail #fail")
+    nav = web.page.get_by_role("navigation", name="Conversations")  # the new conversation is listed
+    await expect(nav.get_by_role("link", name="This will fail #fail")).to_be_visible()
 
 
 async def test_a_missing_conversation_is_said_in_words(web: Watched, site: Api) -> None:

@@ -284,6 +284,7 @@ async function send() {
       reply.article.classList.add("stopped");
       reply.article.querySelector(".body").append(note("Stopped. This reply was not saved."));
       announce("The reply was stopped.");
+      if (!conversationId) await adoptNewConversation().catch(showError);
       return;
     }
     reply.article.remove();
@@ -291,7 +292,10 @@ async function send() {
     if (stored) {
       mine.remove();
       if (!conversationId) history.replaceState(null, "", location.pathname + addressOf(err.problem.conversation_id));
-      await openConversation(err.problem.conversation_id, { minPosition: err.problem.position }).catch(showError);
+      await Promise.all([
+        openConversation(err.problem.conversation_id, { minPosition: err.problem.position }),
+        loadConversations(err.problem.position).then(markCurrent),
+      ]).catch(showError);
     } else if (err instanceof ApiError && err.status >= 400 && err.status < 500) {
       mine.remove();
       box.value = text; // not stored: give it back to edit
@@ -302,6 +306,19 @@ async function send() {
   } finally {
     if (state.streaming === controller) setStreaming(null);
   }
+}
+
+/** A new chat stopped before its reply: the stream never said the new conversation's id, but
+ * the question is stored, so the list (which reads the user's own writes) now holds it. */
+async function adoptNewConversation() {
+  const known = new Set(state.conversations.keys());
+  await loadConversations();
+  const fresh = [...state.conversations.keys()].find((id) => !known.has(id));
+  if (!fresh || state.current !== null) return;
+  state.current = transcript.conversationId = fresh;
+  history.replaceState(null, "", location.pathname + addressOf(fresh));
+  markCurrent();
+  setTitle(state.conversations.get(fresh));
 }
 
 function note(text) {
