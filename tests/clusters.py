@@ -4,6 +4,7 @@ root on CI; PostgreSQL refuses to, so the server then runs as the `postgres` use
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -98,3 +100,85 @@ class Cluster:
     def destroy(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def chatlog_env(url: str, data: Path, **settings: str) -> dict[str, str]:
+    """The environment of a `chatlog serve` on `url` for a drill (the tests' JWT secret, quick polls)."""
+    from tests.support import SECRET
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
+    env.update(
+        CHATLOG_DATABASE_URL=url,
+        CHATLOG_DATA_DIR=str(data),
+        CHATLOG_JWT_SECRET=SECRET,
+        CHATLOG_PROJECTION_POLL_INTERVAL="0.05",
+        CHATLOG_READ_WAIT_SECONDS="10",
+        CHATLOG_LOG_LEVEL="WARNING",
+        **settings,
+    )
+    return env
+
+
+class Answer(NamedTuple):
+    at: float  # time.monotonic() when it came
+    status: int
+    content_type: str
+    body: dict[str, Any]
+
+
+class Appends:
+    """Appenders posting messages to conversations of `user` until stopped, one per conversation,
+    each answer recorded (a failed one is followed by a short pause)."""
+
+    def __init__(self, api: Any, user: str, conversations: list[str], label: str) -> None:
+        self.api, self.user, self.label = api, user, label
+        self.answers: list[Answer] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.ensure_future(self._append(k, cid)) for k, cid in enumerate(conversations)]
+
+    async def _append(self, k: int, cid: str) -> None:
+        from tests.support import auth
+
+        i = 0
+        while not self._stop.is_set():
+            r = await self.api.client.post(
+                f"/v1/conversations/{cid}/messages",
+                json={"role": "user", "content": f"{self.label} {k}-{i}"},
+                headers=auth(self.user),
+            )
+            self.answers.append(Answer(time.monotonic(), r.status_code, r.headers.get("content-type", ""), r.json()))
+            i += 1
+            if r.status_code != 201:
+                await asyncio.sleep(0.05)
+
+    async def answered_after(self, moment: float, within: float, what: str) -> None:
+        """Wait until an append is answered 201 after `moment`; fail after `within` seconds."""
+        while not any(a.at > moment and a.status == 201 for a in self.answers[-20:]):
+            assert time.monotonic() - moment < within, f"{what}: appends not answered again within {within} s"
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    def acknowledged(self) -> list[dict[str, Any]]:
+        return [a.body for a in self.answers if a.status == 201]
+
+    def failures(self) -> list[Answer]:
+        return [a for a in self.answers if a.status != 201]
+
+
+async def pages(api: Any, user: str, path: str, **params: Any) -> list[dict[str, Any]]:
+    """Every item of a paged list, walking its cursors."""
+    from tests.support import auth
+
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = {**params, **({"cursor": cursor} if cursor else {})}
+        r = await api.client.get(path, params=query, headers=auth(user))
+        assert r.status_code == 200, r.text
+        items += r.json()["data"]
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            return items

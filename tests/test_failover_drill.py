@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.clusters import Cluster, require_pg_bin
-from tests.support import SECRET, Api, _free_port, auth, new_user, serve
+from tests.clusters import Appends, Cluster, chatlog_env, pages, require_pg_bin
+from tests.support import Api, _free_port, new_user, serve
 
 pytestmark = pytest.mark.cluster
 
@@ -50,69 +48,35 @@ async def test_failover_to_a_synchronous_standby_loses_no_acknowledged_append(tm
 
     # libpq's form: both hosts in the address, the writable one wanted.
     url = f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/postgres?target_session_attrs=read-write"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
-    env.update(
-        CHATLOG_DATABASE_URL=url,
-        CHATLOG_DATA_DIR=str(tmp_path / "data"),
-        CHATLOG_JWT_SECRET=SECRET,
-        CHATLOG_PROJECTION_POLL_INTERVAL="0.05",
-        CHATLOG_READ_WAIT_SECONDS="10",
-        CHATLOG_LOG_LEVEL="WARNING",
-    )
+    env = chatlog_env(url, tmp_path / "data")
     served = serve(env, _free_port(), tmp_path / "serve.log")
     api = Api(served.base_url, url)
     try:
         user = new_user()
         conversations = [(await api.create(user))["id"] for _ in range(8)]
-        answers: list[tuple[float, int, dict[str, Any]]] = []
-        stop = asyncio.Event()
-
-        async def appender(k: int) -> None:
-            i = 0
-            while not stop.is_set():
-                r = await api.client.post(
-                    f"/v1/conversations/{conversations[k]}/messages",
-                    json={"role": "user", "content": f"failover {k}-{i}"},
-                    headers=auth(user),
-                )
-                answers.append((time.monotonic(), r.status_code, r.json()))
-                i += 1
-                if r.status_code != 201:
-                    await asyncio.sleep(0.05)
-
-        appenders = [asyncio.ensure_future(appender(k)) for k in range(8)]
+        appends = Appends(api, user, conversations, "failover")
         await asyncio.sleep(2)
         failed_at = time.monotonic()
         await asyncio.to_thread(primary.stop, "immediate")
         await asyncio.sleep(0.5)
         await asyncio.to_thread(standby._run, str(standby.bin / "pg_ctl"), "-D", str(standby.data), "-w", "promote")
-        while not any(t > failed_at and status == 201 for t, status, _ in answers[-20:]):
-            assert time.monotonic() - failed_at < 30, "appends did not resume within 30 s of the failover"
-            await asyncio.sleep(0.05)
+        await appends.answered_after(failed_at, 30, "the failover")
         await asyncio.sleep(2)
-        stop.set()
-        await asyncio.gather(*appenders)
+        await appends.stop()
 
-        before = [t for t, status, _ in answers if status == 201 and t < failed_at]
-        after = [t for t, status, _ in answers if status == 201 and t > failed_at]
-        answered = sorted(t for t, status, _ in answers if status == 201 and t > failed_at - 1)
-        unavailable = max(b - a for a, b in itertools.pairwise(answered))  # the longest silence
-        failures = [(status, body) for _, status, body in answers if status != 201]
-        assert all(status == 503 and body["code"] == "not_ready" for status, body in failures), failures[:3]
-        acknowledged = [body for _, status, body in answers if status == 201]
+        answered = [a.at for a in appends.answers if a.status == 201]
+        before = [t for t in answered if t < failed_at]
+        after = [t for t in answered if t > failed_at]
+        unavailable = max(b - a for a, b in itertools.pairwise(sorted(t for t in answered if t > failed_at - 1)))
+        failures = appends.failures()
+        assert all(f.status == 503 and f.body["code"] == "not_ready" for f in failures), failures[:3]
+        acknowledged = appends.acknowledged()
 
         listed: Counter[str] = Counter()
         for cid in conversations:
-            cursor = None
-            while True:
-                params = {"limit": 100, **({"cursor": cursor} if cursor else {})}
-                page = await api.client.get(f"/v1/conversations/{cid}/messages", params=params, headers=auth(user))
-                assert page.status_code == 200, page.text
-                listed.update(m["id"] for m in page.json()["data"])
-                assert [m["seq"] for m in page.json()["data"]] == sorted(m["seq"] for m in page.json()["data"])
-                cursor = page.json()["next_cursor"]
-                if cursor is None:
-                    break
+            messages = await pages(api, user, f"/v1/conversations/{cid}/messages", limit=100)
+            listed.update(m["id"] for m in messages)
+            assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
         assert all(listed[m["id"]] == 1 for m in acknowledged), "an acknowledged append is lost or doubled"
         assert max(listed.values()) == 1
 

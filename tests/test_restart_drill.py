@@ -11,12 +11,11 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.clusters import Cluster, require_pg_bin
-from tests.support import SECRET, Api, _free_port, auth, new_user, serve
+from tests.clusters import Appends, Cluster, chatlog_env, pages, require_pg_bin
+from tests.support import Api, _free_port, new_user, serve
 
 pytestmark = pytest.mark.cluster
 RESTARTS = int(os.environ.get("CHATLOG_TEST_RESTARTS", "20"))
@@ -25,37 +24,12 @@ RESTARTS = int(os.environ.get("CHATLOG_TEST_RESTARTS", "20"))
 async def test_postgres_restarted_under_load_is_ridden_out_without_restarting_chatlog(tmp_path: Path) -> None:
     cluster = Cluster(require_pg_bin()).init()
     cluster.start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
-    env.update(
-        CHATLOG_DATABASE_URL=cluster.url(),
-        CHATLOG_DATA_DIR=str(tmp_path / "data"),
-        CHATLOG_JWT_SECRET=SECRET,
-        CHATLOG_PROJECTION_POLL_INTERVAL="0.05",
-        CHATLOG_READ_WAIT_SECONDS="5",
-        CHATLOG_LOG_LEVEL="WARNING",
-    )
-    served = serve(env, _free_port(), tmp_path / "serve.log")
+    served = serve(chatlog_env(cluster.url(), tmp_path / "data"), _free_port(), tmp_path / "serve.log")
     api = Api(served.base_url, cluster.url())
     try:
         user = new_user()
         cid = (await api.create(user))["id"]
-        answers: list[tuple[float, int, str, dict[str, Any]]] = []  # (time, status, content type, body)
-        stop = asyncio.Event()
-
-        async def appender(k: int) -> None:
-            i = 0
-            while not stop.is_set():
-                r = await api.client.post(
-                    f"/v1/conversations/{cid}/messages",
-                    json={"role": "user", "content": f"drill {k}-{i}"},
-                    headers=auth(user),
-                )
-                answers.append((time.monotonic(), r.status_code, r.headers.get("content-type", ""), r.json()))
-                i += 1
-                if r.status_code != 201:
-                    await asyncio.sleep(0.05)
-
-        appenders = [asyncio.ensure_future(appender(k)) for k in range(4)]
+        appends = Appends(api, user, [cid] * 4, "drill")
         recoveries: list[float] = []
         for i in range(RESTARTS):
             await asyncio.sleep(random.uniform(0.2, 0.8))
@@ -64,31 +38,20 @@ async def test_postgres_restarted_under_load_is_ridden_out_without_restarting_ch
             await asyncio.to_thread(cluster.start, wait=False)  # requests meet it while it starts up
             await asyncio.to_thread(cluster.wait_ready)
             back = time.monotonic()
-            while not any(t > back and status == 201 for t, status, _, _ in answers[-20:]):
-                assert time.monotonic() - back < 15, f"restart {i}: appends not answered again within 15 s"
-                await asyncio.sleep(0.05)
+            await appends.answered_after(back, 15, f"restart {i}")
             recoveries.append(time.monotonic() - back)
-        stop.set()
-        await asyncio.gather(*appenders)
+        await appends.stop()
 
-        failures = [(status, ctype, body) for _, status, ctype, body in answers if status != 201]
-        for status, ctype, body in failures:
-            assert status == 503 and ctype.startswith("application/problem+json"), (status, body)
-            assert body["code"] == "not_ready", body
-        acknowledged = [body for _, status, _, body in answers if status == 201]
+        failures = appends.failures()
+        for failure in failures:
+            assert failure.status == 503, failure
+            assert failure.content_type.startswith("application/problem+json"), failure
+            assert failure.body["code"] == "not_ready", failure
+        acknowledged = appends.acknowledged()
         assert len(acknowledged) > 50 and failures, "the drill did not test much"
 
         # Every 201 is read back (the read waits for the projection), exactly once, in seq order.
-        listed: list[dict[str, Any]] = []
-        cursor = None
-        while True:
-            params = {"limit": 100, **({"cursor": cursor} if cursor else {})}
-            page = await api.client.get(f"/v1/conversations/{cid}/messages", params=params, headers=auth(user))
-            assert page.status_code == 200, page.text
-            listed += page.json()["data"]
-            cursor = page.json()["next_cursor"]
-            if cursor is None:
-                break
+        listed = await pages(api, user, f"/v1/conversations/{cid}/messages", limit=100)
         ids = Counter(m["id"] for m in listed)
         assert all(ids[m["id"]] == 1 for m in acknowledged), "an acknowledged append is missing or doubled"
         assert max(Counter(m["content"] for m in listed).values()) == 1, "a message was stored twice"

@@ -7,7 +7,6 @@ after a second restore of the restored database."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,36 +14,10 @@ from typing import Any
 
 import pytest
 
-from tests.clusters import Cluster, require_pg_bin
-from tests.support import SECRET, Api, Served, _free_port, auth, new_user, serve
+from tests.clusters import Cluster, chatlog_env, pages, require_pg_bin
+from tests.support import Api, Served, _free_port, auth, new_user, serve
 
 pytestmark = pytest.mark.cluster
-
-
-def chatlog_env(cluster: Cluster, data: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
-    env.update(
-        CHATLOG_DATABASE_URL=cluster.url("chatlog"),
-        CHATLOG_DATA_DIR=str(data),
-        CHATLOG_JWT_SECRET=SECRET,
-        CHATLOG_PROJECTION_POLL_INTERVAL="0.05",
-        CHATLOG_READ_WAIT_SECONDS="10",
-        CHATLOG_LOG_LEVEL="WARNING",
-    )
-    return env
-
-
-async def pages(api: Api, user: str, path: str, **params: Any) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        query = {**params, **({"cursor": cursor} if cursor else {})}
-        r = await api.client.get(path, params=query, headers=auth(user))
-        assert r.status_code == 200, r.text
-        items += r.json()["data"]
-        cursor = r.json()["next_cursor"]
-        if cursor is None:
-            return items
 
 
 async def everything(api: Api, users: list[str]) -> dict[str, Any]:
@@ -83,7 +56,7 @@ async def check_served(
     newest = int(cluster.psql("SELECT max(tx_id)::text FROM events", "chatlog"))
     server = int(cluster.psql("SELECT pg_current_xact_id()::text", "chatlog"))
     assert newest > server, "the drill's premise: the restored ids are above the new server's"
-    env = chatlog_env(cluster, tmp / "data")
+    env = chatlog_env(cluster.url("chatlog"), tmp / "data")
     served: Served = serve(env, _free_port(), tmp / f"serve-{cluster.port}.log")
     api = Api(served.base_url, cluster.url("chatlog"))
     try:
@@ -130,7 +103,9 @@ async def test_a_dump_restored_into_a_fresh_server_keeps_its_history_and_orders_
     source.psql("CREATE DATABASE chatlog")
     clusters = [source]
     try:
-        served = serve(chatlog_env(source, tmp_path / "data"), _free_port(), tmp_path / "serve-source.log")
+        served = serve(
+            chatlog_env(source.url("chatlog"), tmp_path / "data"), _free_port(), tmp_path / "serve-source.log"
+        )
         api = Api(served.base_url, source.url("chatlog"))
         users = [new_user() for _ in range(3)]
         try:
