@@ -173,10 +173,6 @@ class Worker:
     def wake(self) -> None:
         self._wake.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     async def sleep_unless_stopped(self, seconds: float) -> bool:
         """Wait `seconds`, or less if stopped meanwhile; whether it was stopped."""
         await self._sleep(seconds)
@@ -191,7 +187,7 @@ class Worker:
 
         A database outage, however it shows (a broken or refused connection, a server shutting
         down or starting up: 57P01, 57P03, a standby still read-only, a deadlock), rolls the
-        batch back and is retried with a growing, jittered delay (0.5 s to 2 s by default, jittered): the
+        batch back and is retried with a growing, jittered delay (0.5 s to 2 s by default): the
         worker rides out an outage of any length. One line is logged when an outage begins and
         one when it ends. Anything else is a defect and propagates (`service.workers` logs it
         and restarts the worker).

@@ -156,7 +156,7 @@ def _projections(settings: Settings, names: list[str]) -> tuple[list[Projection]
 
 def cmd_project(settings: Settings, args: argparse.Namespace) -> int:
     from projections.worker import Worker
-    from service.workers import worker_settings
+    from service.workers import supervise, worker_settings
 
     _exit_on_signals()
     projections, settings, url = _projections(settings, args.names)
@@ -171,7 +171,7 @@ def cmd_project(settings: Settings, args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_all)
-        await asyncio.gather(*(w.run() for w in workers))
+        await asyncio.gather(*(supervise(w) for w in workers))  # a worker that dies is restarted
         return 1 if any(w.failure for w in workers) else 0
 
     return asyncio.run(run())

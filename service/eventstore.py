@@ -610,12 +610,6 @@ class _Waiting:
         self.prepared, self.future = prepared, future
 
 
-# A lost connection (or a database going away mid-batch) leaves the batch's fate unknown: each
-# command is then settled by looking for its events (they carry ids of their own) before it is
-# sent again.
-_CONNECTION_LOST: Final = DATABASE_UNAVAILABLE
-
-
 class GroupCommit:
     """Appends that arrive together share one transaction, one statement and one commit (DESIGN.md).
 
@@ -634,7 +628,7 @@ class GroupCommit:
         self.max_in_flight = max_in_flight
         self.queue: collections.deque[_Waiting] = collections.deque()
         self.in_flight = 0
-        self.batches = 0  # for metrics and tests: batches of more than one command committed
+        self.batches = 0  # batches of more than one command committed (the tests look)
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -785,8 +779,10 @@ class GroupCommit:
         try:
             async with self.store.pool.acquire() as conn:
                 inserted = {row[0]: row for row in await conn.fetch(_APPEND_BATCH, *columns)}
-        except _CONNECTION_LOST:
-            # Committed or not: unknown. Each command looks for its own events, then goes alone.
+        except DATABASE_UNAVAILABLE:
+            # The connection was lost (or the database went away) mid-batch: committed or not is
+            # unknown. Each command looks for its own events (their ids were chosen before the
+            # first try), then goes alone.
             await asyncio.gather(*(self._alone(w, in_doubt=True) for w in batch))
             return
         except Exception:
