@@ -1,5 +1,9 @@
 """The conversations projection: conversations and their messages, folded from the log.
 
+An erased event (its conversation's key destroyed) folds to nothing: its conversation was
+deleted in the same transaction, so the stream ends in a deletion that removes whatever rows
+its earlier events made.
+
 One projection owns both tables: a message row references its conversation, and a deletion
 removes both in the same transaction, so the two must move together.
 
@@ -134,8 +138,10 @@ def fold(conv: Conversation | None, e: RecordedEvent, *, deleted: bool = False) 
     side (which answers from the log, not the read tables) both fold with it.
     """
     event, sid = e.event, e.stream_id
-    if deleted:
-        return _UNCHANGED, None  # deletion is final
+    if deleted or event is None:
+        return _UNCHANGED, None  # deletion is final; an erased event folds to nothing
+    if conv is None and isinstance(event, ConversationDeleted):
+        return None, None  # an erased conversation's deletion (its start folded to nothing)
     if isinstance(event, ConversationStarted):
         if conv is not None:
             raise ProjectionError(e.position, f"conversation {sid} started twice")

@@ -35,6 +35,7 @@ from projections.base import Projection
 from projections.worker import ProjectionFailed, ensure_checkpoint, lock_key
 from service.connections import connect_args
 from service.eventstore import Checkpoint, RecordedEvent, read_all
+from service.sealing import Keyring
 
 REPLAY: Final = "__replay"
 VERIFY: Final = "__verify"
@@ -157,6 +158,7 @@ async def _drop_shadow(conn: asyncpg.Connection, projection: Projection, suffix:
 
 async def _bulk_fold(
     reader: asyncpg.Connection,
+    keyring: Keyring,
     writers: Sequence[asyncpg.Connection],
     projection: Projection,
     names: dict[str, str],
@@ -183,7 +185,7 @@ async def _bulk_fold(
     async def read() -> None:
         nonlocal checkpoint
         try:
-            while not failures and (events := await read_all(reader, checkpoint, batch_size)):
+            while not failures and (events := await read_all(reader, keyring, checkpoint, batch_size)):
                 if until is not None and (events := [e for e in events if e.checkpoint <= until]) == []:
                     break
                 checkpoint = events[-1].checkpoint
@@ -222,6 +224,7 @@ async def _bulk_fold(
 
 async def _fold_rest(
     conn: asyncpg.Connection,
+    keyring: Keyring,
     projection: Projection,
     names: dict[str, str],
     after: Checkpoint,
@@ -232,7 +235,7 @@ async def _fold_rest(
     """Fold the log after `after` (up to `until`, or as far as it is readable) into `names`, in the
     caller's transaction; returns where it stopped."""
     checkpoint = after
-    while events := await read_all(conn, checkpoint, batch_size):
+    while events := await read_all(conn, keyring, checkpoint, batch_size):
         if until is not None and (events := [e for e in events if e.checkpoint <= until]) == []:
             break
         await projection.apply(conn, events, names)
@@ -275,6 +278,7 @@ async def _exclusive(conn: asyncpg.Connection, name: str) -> Any:
 async def replay(
     url: str,
     projection: Projection,
+    keyring: Keyring,
     *,
     batch_size: int = 5000,
     progress: Progress | None = None,
@@ -289,7 +293,7 @@ async def replay(
                 shadow = await _create_shadow(main, projection, REPLAY, logged=True)
                 with _fewer_collections():
                     checkpoint = await _bulk_fold(
-                        reader, folders, projection, shadow.names,
+                        reader, keyring, folders, projection, shadow.names,
                         until=None, batch_size=batch_size, progress=progress,
                     )  # fmt: skip
                 await _complete([*folders, reader], projection, shadow)  # before the worker is paused
@@ -297,7 +301,7 @@ async def replay(
                     await main.execute("SET LOCAL synchronous_commit = on")  # this commit is the replay's result
                     await _locked_checkpoint(main, projection.name)  # the live worker waits from here on
                     checkpoint = await _fold_rest(
-                        main, projection, shadow.names, checkpoint, until=None, batch_size=batch_size
+                        main, keyring, projection, shadow.names, checkpoint, until=None, batch_size=batch_size
                     )
                     await _swap(main, projection, shadow.names)
                     await main.execute(
@@ -358,7 +362,13 @@ async def _swap(conn: asyncpg.Connection, projection: Projection, names: dict[st
 
 
 async def verify(
-    url: str, projection: Projection, *, batch_size: int = 5000, limit: int = 100, writers: int = WRITERS
+    url: str,
+    projection: Projection,
+    keyring: Keyring,
+    *,
+    batch_size: int = 5000,
+    limit: int = 100,
+    writers: int = WRITERS,
 ) -> list[Difference]:
     """Every row in which the read tables differ from a fresh fold of the log (at most `limit`)."""
     async with _connections(url, f"verify-{projection.name}", 1 + writers) as (reader, *folders):
@@ -376,14 +386,14 @@ async def verify(
             try:
                 with _fewer_collections():
                     done = await _bulk_fold(
-                        reader, folders, projection, names,
+                        reader, keyring, folders, projection, names,
                         until=Checkpoint(int(row["tx_id"]), row["position"]), batch_size=batch_size, progress=None,
                     )  # fmt: skip
                 for shadow in names.values():  # statistics for the comparison's join plan
                     await main.execute(f"ANALYZE {shadow}")
                 async with main.transaction():
                     live = await _locked_checkpoint(main, projection.name)
-                    await _fold_rest(main, projection, names, done, until=live, batch_size=batch_size)
+                    await _fold_rest(main, keyring, projection, names, done, until=live, batch_size=batch_size)
                     return await _differences(main, projection, names, limit)
             finally:
                 await _drop_shadow(main, projection, VERIFY)

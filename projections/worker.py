@@ -30,6 +30,7 @@ import msgspec
 from projections.base import Projection, ProjectionError
 from service.connections import DATABASE_UNAVAILABLE, connect_args
 from service.eventstore import NOTIFY_CHANNEL, Checkpoint, RecordedEvent, read_all
+from service.sealing import Keyring
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ async def ensure_checkpoint(conn: asyncpg.Connection, name: str) -> None:
 async def apply_batch(
     conn: asyncpg.Connection,
     projection: Projection,
+    keyring: Keyring,
     batch_size: int,
     before_commit: BeforeCommit | None = None,
 ) -> int:
@@ -92,7 +94,8 @@ async def apply_batch(
             raise RuntimeError(f"no checkpoint row for projection {projection.name}")
         if row["error"] is not None:
             raise ProjectionFailed(projection.name, row["failed_position"], row["error"])
-        events = await read_all(conn, Checkpoint(int(row["tx_id"]), row["position"]), batch_size)
+        checkpoint = Checkpoint(int(row["tx_id"]), row["position"])
+        events = await read_all(conn, keyring, checkpoint, batch_size, hold_keys=True)
         if not events:
             return 0
         applied = await _apply(conn, projection, events, names)
@@ -152,12 +155,14 @@ class Worker:
         self,
         url: str,
         projection: Projection,
+        keyring: Keyring,
         settings: WorkerSettings | None = None,
         *,
         before_commit: BeforeCommit | None = None,
     ) -> None:
         self.url = url
         self.projection = projection
+        self.keyring = keyring
         self.settings = settings or WorkerSettings()
         self.before_commit = before_commit
         self.active = False
@@ -243,7 +248,9 @@ class Worker:
             log.info("projection %s: active", self.projection.name)
             while not self._stop.is_set():
                 self._wake.clear()
-                applied = await apply_batch(conn, self.projection, self.settings.batch_size, self.before_commit)
+                applied = await apply_batch(
+                    conn, self.projection, self.keyring, self.settings.batch_size, self.before_commit
+                )
                 self.applied += applied
                 await self._watch_horizon(conn)
                 if applied < self.settings.batch_size:

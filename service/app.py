@@ -33,6 +33,7 @@ from service.database import head_revision
 from service.eventstore import EventStore
 from service.metrics import ChatlogCollector, make_registry
 from service.problems import EXCEPTION_HANDLERS
+from service.sealing import Keyring
 from service.settings import Settings
 from service.workers import start_workers, worker_states
 
@@ -129,17 +130,18 @@ def create_app(settings: Settings) -> Litestar:
     if not settings.database_url:
         raise ValueError("create_app needs settings.database_url")
     url = settings.database_url
+    keyring = Keyring.from_settings(settings)
     registry, collector = make_registry()
     request_metrics = RequestMetrics(registry)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pool = ConnectionPool(url, size=settings.db_pool_size)
-        store = EventStore(pool, group_commit=settings.group_commit)
+        store = EventStore(pool, keyring, group_commit=settings.group_commit)
         collector.store = store
         app.state.pool, app.state.store = pool, store
         app.state.chat = Chat(settings, store, app.state.heads, make_assistant(settings))
-        workers = app.state.workers = start_workers(settings, store) if settings.run_workers else {}
+        workers = app.state.workers = start_workers(settings, keyring, store) if settings.run_workers else {}
         tools = mcp.Tools(settings, pool, store, app.state.heads, app.state.cursors, mcp.http_user(app.state.verifier))
         app.state.mcp = mcp.session_manager(mcp.build_server(tools))
         try:

@@ -178,7 +178,7 @@ async def _reply(
             prior = await prior_command(conn, user_id, answered.key, answered.fingerprint)
             if prior is not None:
                 return await _answer(store, user_id, conversation_id, asked, prior.position), True
-        history = await read_stream(conn, user_id, conversation_id)
+        history = await read_stream(conn, store.keyring, user_id, conversation_id)
     if fold_stream(history) is None:
         raise NotFound(str(conversation_id))  # deleted meanwhile
     prompt = prompt_from(history, chat.max_messages, chat.max_chars)
@@ -203,7 +203,7 @@ async def _reply(
 async def _answer(store: EventStore, user_id: str, conversation_id: uuid.UUID, asked: int, answered: int) -> ChatAnswer:
     """The turn's answer, from the stored events: the conversation as of the reply."""
     async with store.pool.acquire() as conn:
-        events = await read_stream(conn, user_id, conversation_id)
+        events = await read_stream(conn, store.keyring, user_id, conversation_id)
     version = next(e.stream_version for e in events if e.position == answered)
     upto = [e for e in events if e.stream_version <= version]
     state = fold_stream(upto)

@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from service.settings import Settings, SettingsError
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from litestar import Litestar
 
     from projections.base import Projection
+    from service.sealing import Keyring
 
 log = logging.getLogger("chatlog")
 
@@ -30,16 +31,38 @@ def resolve_database(settings: Settings) -> Settings:
     return settings.with_overrides(database_url=embedded_url(settings.data_dir))
 
 
-async def _migrate(url: str, revision: str, *, down: bool = False) -> None:
+async def _migrate(settings: Settings, revision: str, *, down: bool = False) -> None:
+    """Migrate (the sealing migration needs the master key), then, at the newest schema, keep
+    the log's ids rising and refuse a master key that does not open the database's data keys."""
     from service.database import downgrade, make_engine, migrate
+    from service.sealing import Keyring
 
+    url = settings.database_url
+    assert url
+    keyring = Keyring.from_settings(settings)
+    if not down and revision == "head":
+        await _check_master_keys(url, keyring)  # before sealing anything with a wrong one
     engine = make_engine(url, pool_size=1)
     try:
-        await (downgrade(engine, revision) if down else migrate(engine, revision))
+        await (downgrade(engine, revision, keyring=keyring) if down else migrate(engine, revision, keyring=keyring))
     finally:
         await engine.dispose()
     if not down and revision == "head":
         await _settle_clock(url)
+
+
+async def _check_master_keys(url: str, keyring: Keyring) -> None:
+    import asyncpg
+
+    from service.connections import connect_args
+    from service.sealing import check_master_keys
+
+    conn = await asyncpg.connect(**connect_args(url))
+    try:
+        if await conn.fetchval("SELECT to_regclass('data_keys') IS NOT NULL"):
+            await check_master_keys(conn, keyring)
+    finally:
+        await conn.close()
 
 
 async def _settle_clock(url: str) -> None:
@@ -91,7 +114,7 @@ def serve_settings(settings: Settings, args: argparse.Namespace) -> Settings:
     settings = resolve_database(settings)
     assert settings.database_url
     _check_search_config(settings)  # before migrating: it needs no tables, and a bad one changes nothing
-    asyncio.run(_migrate(settings.database_url, "head"))
+    asyncio.run(_migrate(settings, "head"))
     log.info("schema migrated; listening on http://%s:%d", settings.host, settings.port)
     return settings
 
@@ -127,10 +150,10 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     assert settings.database_url
     _check_search_config(settings)  # migrations re-index messages in it (0005)
     if args.downgrade:
-        asyncio.run(_migrate(settings.database_url, args.downgrade, down=True))
+        asyncio.run(_migrate(settings, args.downgrade, down=True))
         print(f"downgraded to {args.downgrade}")
     else:
-        asyncio.run(_migrate(settings.database_url, args.revision))
+        asyncio.run(_migrate(settings, args.revision))
         print(f"migrated to {args.revision}")
     return 0
 
@@ -151,7 +174,14 @@ def _projections(settings: Settings, names: list[str]) -> tuple[list[Projection]
     assert settings.database_url
     _check_search_config(settings)
     asyncio.run(_settle_clock(settings.database_url))
+    asyncio.run(_check_master_keys(settings.database_url, _keyring(settings)))
     return projections, settings, settings.database_url
+
+
+def _keyring(settings: Settings) -> Keyring:
+    from service.sealing import Keyring
+
+    return Keyring.from_settings(settings)
 
 
 def cmd_project(settings: Settings, args: argparse.Namespace) -> int:
@@ -162,7 +192,8 @@ def cmd_project(settings: Settings, args: argparse.Namespace) -> int:
     projections, settings, url = _projections(settings, args.names)
 
     async def run() -> int:
-        workers = [Worker(url, p, worker_settings(settings)) for p in projections]
+        keyring = _keyring(settings)
+        workers = [Worker(url, p, keyring, worker_settings(settings)) for p in projections]
 
         def stop_all() -> None:
             for worker in workers:
@@ -188,7 +219,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             total = await _count_events(url)
             started = asyncio.get_running_loop().time()
             checkpoint = await replay(
-                url, projection, batch_size=settings.replay_batch_size,
+                url, projection, _keyring(settings), batch_size=settings.replay_batch_size,
                 progress=terminal_progress(projection.name, total),
             )  # fmt: skip
             seconds = asyncio.get_running_loop().time() - started
@@ -209,7 +240,7 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> int:
         status = 0
         for projection in projections:
-            differences = await verify(url, projection, batch_size=settings.replay_batch_size)
+            differences = await verify(url, projection, _keyring(settings), batch_size=settings.replay_batch_size)
             if differences:
                 status = 1
                 print(f"{projection.name}: {len(differences)} row(s) differ from a fresh fold of the log")
@@ -248,7 +279,7 @@ def cmd_mcp(settings: Settings, args: argparse.Namespace) -> int:
     settings = resolve_database(settings.with_overrides(run_workers=not args.no_workers))
     assert settings.database_url
     _check_search_config(settings)
-    asyncio.run(_migrate(settings.database_url, "head"))
+    asyncio.run(_migrate(settings, "head"))
     asyncio.run(serve_stdio(settings, args.user))
     return 0
 
@@ -264,6 +295,122 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     token = mint_token(jwt_secret(settings), args.user, args.ttl)
     print(f"{page_address(settings)}#token={token}" if args.url else token)
+    return 0
+
+
+def _database(settings: Settings) -> str:
+    """The database URL, resolved, at the newest schema, with a master key that opens it."""
+    settings = resolve_database(settings)
+    assert settings.database_url
+    asyncio.run(_migrate(settings, "head"))
+    return settings.database_url
+
+
+async def _connected(url: str) -> Any:
+    import asyncpg
+
+    from service.connections import connect_args
+
+    return await asyncpg.connect(**connect_args(url))
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from service import sealing
+
+    if args.action == "new":
+        print(sealing.new_master_key())
+        return 0
+    keyring = _keyring(settings)
+    url = _database(settings)
+
+    async def rotate() -> int:
+        conn = await _connected(url)
+        try:
+            return await sealing.rotate(conn, keyring)
+        finally:
+            await conn.close()
+
+    moved = asyncio.run(rotate())
+    print(f"re-wrapped {moved} data key(s) under master key {keyring.current_id}; no event was touched")
+    return 0
+
+
+def cmd_erase(settings: Settings, args: argparse.Namespace) -> int:
+    import uuid
+
+    from service import erasure
+    from service.eventstore import NotFound
+
+    if (args.user is None) == (args.conversation is None):
+        print("chatlog erase: give a USER, or --conversation ID", file=sys.stderr)
+        return 2
+    try:
+        conversation = uuid.UUID(args.conversation) if args.conversation else None
+    except ValueError:
+        print(f"chatlog erase: --conversation: not a UUID: {args.conversation!r}", file=sys.stderr)
+        return 2
+    url = _database(settings)
+
+    async def run() -> int:
+        conn = await _connected(url)
+        try:
+            if conversation is None:
+                position = await erasure.erase_user(conn, args.user)
+                print(f"erased user {args.user!r} (position {position})")
+                return 0
+            owner = await erasure.owner_of(conn, conversation)
+            try:
+                if owner is None:
+                    raise NotFound(str(conversation))
+                position = await erasure.erase_conversation(conn, owner, conversation)
+            except NotFound:
+                print(f"chatlog erase: no live conversation {conversation}", file=sys.stderr)
+                return 1
+            print(f"erased conversation {conversation} (position {position})")
+            return 0
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def cmd_erasures(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import msgspec
+
+    from service import erasure
+
+    path = Path(args.file)
+    entries: list[erasure.LedgerEntry] = []
+    if args.action == "apply":
+        try:
+            lines = [line for line in path.read_bytes().splitlines() if line.strip()]
+            entries = [msgspec.json.decode(line, type=erasure.LedgerEntry) for line in lines]
+        except (OSError, msgspec.DecodeError) as exc:
+            print(f"chatlog erasures apply: {path}: {exc}", file=sys.stderr)
+            return 2
+    url = _database(settings)
+
+    async def run() -> tuple[int, int]:
+        conn = await _connected(url)
+        try:
+            if args.action == "export":
+                entries.extend(await erasure.export_ledger(conn))
+                return 0, 0
+            return await erasure.apply_ledger(conn, entries)
+        finally:
+            await conn.close()
+
+    conversations, records = asyncio.run(run())
+    if args.action == "export":
+        path.write_bytes(b"".join(msgspec.json.encode(e) + b"\n" for e in entries))
+        print(f"wrote {len(entries)} erasure(s) to {path}")
+    else:
+        print(
+            f"applied {len(entries)} erasure(s): {conversations} conversation(s) erased again, "
+            f"{records} idempotency record(s) deleted"
+        )
     return 0
 
 
@@ -311,6 +458,20 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--user", required=True, help="whose conversations the tools see (1-255 characters)")
     mcp.add_argument("--no-workers", action="store_true", help="do not run the projection workers here")
     mcp.set_defaults(func=cmd_mcp)
+
+    keys = sub.add_parser("keys", help="master keys: print a new one, or re-wrap every data key under the current one")
+    keys.add_argument("action", choices=["new", "rotate"], help="new: print a new key; rotate: re-wrap (see README)")
+    keys.set_defaults(func=cmd_keys)
+
+    erase = sub.add_parser("erase", help="erase a user (everything of theirs) or one conversation")
+    erase.add_argument("user", nargs="?", metavar="USER", help="the user (a token's sub) to erase")
+    erase.add_argument("--conversation", metavar="ID", help="erase this conversation instead")
+    erase.set_defaults(func=cmd_erase)
+
+    erasures = sub.add_parser("erasures", help="the erasure ledger: export it, or apply it after restoring a backup")
+    erasures.add_argument("action", choices=["export", "apply"])
+    erasures.add_argument("file", metavar="FILE", help="JSON lines: written by export, read by apply")
+    erasures.set_defaults(func=cmd_erasures)
 
     token = sub.add_parser("token", help="print a development JWT for USER")
     token.add_argument("user", metavar="USER", help="the token's subject (1-255 characters)")

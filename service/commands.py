@@ -20,9 +20,9 @@ import msgspec
 
 from projections.conversations import Conversation as ConversationState
 from projections.conversations import fold_stream
-from service import shapes
+from service import erasure, shapes
 from service.errors import BadRequest, ConversationExists
-from service.events import ConversationDeleted, ConversationStarted, ConversationUpdated, Event, MessageAppended
+from service.events import ConversationStarted, ConversationUpdated, Event, MessageAppended
 from service.eventstore import (
     Appended,
     EventStore,
@@ -106,12 +106,12 @@ async def _replayed(
         prior = await prior_command(conn, user_id, idempotency.key, idempotency.fingerprint)
         if prior is None:
             return None
-        return prior, await read_positions(conn, user_id, prior.positions)
+        return prior, await read_positions(conn, store.keyring, user_id, prior.positions)
 
 
 async def _stored(store: EventStore, user_id: str, result: Appended) -> list[RecordedEvent]:
     async with store.pool.acquire() as conn:
-        return await read_positions(conn, user_id, result.positions)
+        return await read_positions(conn, store.keyring, user_id, result.positions)
 
 
 def conversation_view(
@@ -130,7 +130,9 @@ def conversation_view(
     )
 
 
-def message_view(event: Event, conversation_id: uuid.UUID, position: int, recorded_at: datetime) -> shapes.Message:
+def message_view(
+    event: Event | None, conversation_id: uuid.UUID, position: int, recorded_at: datetime
+) -> shapes.Message:
     """The message a `message.appended` event recorded, at the position it was stored."""
     assert isinstance(event, MessageAppended) and event.seq is not None
     return shapes.Message(
@@ -268,7 +270,7 @@ async def update_conversation(
         body.expected_version,
     )
     async with store.pool.acquire() as conn:
-        state = fold_stream(await read_stream(conn, user_id, conversation_id))
+        state = fold_stream(await read_stream(conn, store.keyring, user_id, conversation_id))
     if state is None:  # deleted right after the update
         raise NotFound(str(conversation_id))
     return conversation_view(state, result.position)
@@ -277,5 +279,18 @@ async def update_conversation(
 async def delete_conversation(
     store: EventStore, heads: ConversationHeads, user_id: str, conversation_id: uuid.UUID, expected_version: int | None
 ) -> int:
-    result = await _change(store, heads, user_id, conversation_id, [ConversationDeleted()], expected_version)
-    return result.position
+    """Delete and erase the conversation (service/erasure.py); the position of its deletion."""
+    heads.forget(conversation_id)
+    store.forget(conversation_id)
+    async with store.pool.acquire() as conn:
+        position = await erasure.erase_conversation(conn, user_id, conversation_id, expected_version)
+    store.appended(1)
+    return position
+
+
+async def erase_user(store: EventStore, user_id: str) -> int:
+    """Erase everything of the user (DELETE /v1/me); the position of the erasure."""
+    async with store.pool.acquire() as conn:
+        position = await erasure.erase_user(conn, user_id)
+    store.appended(1)
+    return position

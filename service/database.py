@@ -17,6 +17,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from alembic import command
+from service.sealing import Keyring
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +82,24 @@ def head_revision() -> str:
     return head
 
 
-async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
-    """Upgrade the schema to `revision`, serialized by an advisory lock across processes."""
-    await _run_alembic(engine, lambda cfg: command.upgrade(cfg, revision))
+async def migrate(engine: AsyncEngine, revision: str = "head", *, keyring: Keyring | None = None) -> None:
+    """Upgrade the schema to `revision`, serialized by an advisory lock across processes.
+    Sealing a log that holds events (0007) needs the master key: `keyring`."""
+    await _run_alembic(engine, lambda cfg: command.upgrade(cfg, revision), keyring)
 
 
-async def downgrade(engine: AsyncEngine, revision: str = "base") -> None:
-    await _run_alembic(engine, lambda cfg: command.downgrade(cfg, revision))
+async def downgrade(engine: AsyncEngine, revision: str = "base", *, keyring: Keyring | None = None) -> None:
+    await _run_alembic(engine, lambda cfg: command.downgrade(cfg, revision), keyring)
 
 
 _MIGRATION_LOCK = 0x63686C6D  # "chlm": one migration at a time across processes
 
 
-async def _run_alembic(engine: AsyncEngine, action: Any) -> None:
+async def _run_alembic(engine: AsyncEngine, action: Any, keyring: Keyring | None) -> None:
     def run(sync_conn: Connection) -> None:
         cfg = alembic_config()
         cfg.attributes["connection"] = sync_conn
+        cfg.attributes["keyring"] = keyring
         action(cfg)
 
     async with engine.begin() as conn:

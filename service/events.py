@@ -67,6 +67,13 @@ EVENT_TYPES: Final[dict[str, type[Event]]] = {
     for cls in (ConversationStarted, MessageAppended, ConversationUpdated, ConversationDeleted)
 }
 
+# What of an event stays in clear in the log: its ids and numbers, which queries use. The rest
+# (titles, metadata, contents, roles) is sealed under its stream's data key (service/sealing.py);
+# an event type without fields has nothing to seal.
+STRUCTURE: Final = ("message_id", "seq")
+CONTENT_FREE: Final = frozenset(tag for tag, cls in EVENT_TYPES.items() if not cls.__struct_fields__)
+STARTS_STREAM: Final = frozenset({"conversation.started"})  # an append that begins with it makes a new stream
+
 # The current schema version of each event type. An upcaster turns the data of version n of
 # a type into version n + 1; stored events are never rewritten.
 SCHEMA_VERSIONS: Final[dict[str, int]] = dict.fromkeys(EVENT_TYPES, 1)

@@ -27,11 +27,15 @@ from typing import Annotated, Any, Final
 
 import asyncpg
 import msgspec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from service.connections import DATABASE_UNAVAILABLE, ConnectionPool
 from service.events import (
     CLEAN_TEXT,
+    CONTENT_FREE,
     SCHEMA_VERSIONS,
+    STARTS_STREAM,
+    STRUCTURE,
     DomainEvent,
     Event,
     EventValidationError,
@@ -40,6 +44,7 @@ from service.events import (
     event_type,
 )
 from service.ids import uuid7
+from service.sealing import Keyring, event_aad, idempotency_digest, open_sealed, seal
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +110,15 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
     stream_id: uuid.UUID
     stream_version: int
     user_id: str
-    event: DomainEvent
-    metadata: dict[str, Any]
+    type: str
+    event: DomainEvent | None  # None: erased (its stream's data key is destroyed)
+    metadata: dict[str, Any] | None  # None when erased
     recorded_at: datetime
     tx_id: int
 
     @property
-    def type(self) -> str:
-        return event_type(self.event)
+    def erased(self) -> bool:
+        return self.event is None
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -121,128 +127,107 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 _HEAD = "SELECT stream_version, user_id, tx_id FROM events WHERE stream_id = $1 ORDER BY stream_version DESC LIMIT 1"
 
+# Appending: the commands of a batch (or one command alone) as one statement, so one transaction
+# and one round trip, one row per event (command values repeated). Each command is checked as if
+# alone, against its stream's head (looked up unless the store remembers it: `at`): the owner,
+# its expected version, that its idempotency key is unused, and that it is sealed under the
+# right key (a new stream's fresh key, or the existing stream's). A command that fails a check
+# inserts none of its rows (its rows share the check) and is settled alone afterwards (a replay,
+# a mismatch, a 404, a 409). A unique conflict (a race with another process, events already
+# stored by a try whose answer was lost) fails the statement, and every command of a batch goes
+# alone: rare, and cheaper than the speculative insertion of ON CONFLICT on every row. Rows go
+# in by stream, so that batches lock in one order. The same statement stores a new stream's
+# wrapped data key and a keyed command's idempotency record, so that they commit with its events.
+#
 # A stream's events must follow each other in the log's (tx_id, position) order too, so an
 # append may not come from a transaction older than the one that wrote the stream's head. Only
 # an explicit transaction that took its id before that head was written can be; an append in
 # its own transaction always has the newest id.
-
-_APPEND_ONE = f"""
-INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
-                    idempotency_key, request_fingerprint)
-SELECT $3, $1, coalesce(head.stream_version, 0) + 1, $2, $4, $5::jsonb, $6::jsonb, $8::text, $9::bytea
-FROM (SELECT) AS one
-LEFT JOIN LATERAL ({_HEAD}) AS head ON true
-WHERE coalesce(head.user_id, $2) = $2
-  AND ($7::integer IS NULL OR coalesce(head.stream_version, 0) = $7::integer)
-  AND (head.tx_id IS NULL OR head.tx_id < chatlog_xact_id())
-RETURNING position, stream_version, recorded_at
+_APPEND = """
+WITH e AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[],
+                         $8::integer[], $9::integer[], $10::integer[], $11::boolean[], $12::bytea[], $13::bytea[],
+                         $14::bytea[], $15::text[], $16::integer[])
+        AS e(event_id, stream_id, user_id, type, data, sealed, metadata, ord, at, expected, new_stream,
+             key_digest, fingerprint, wrapped, master_id, events)
+), ins AS (
+    INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, sealed, metadata)
+    SELECT e.event_id, e.stream_id, coalesce(e.at, head.stream_version, 0) + e.ord, e.user_id, e.type,
+           e.data::jsonb, e.sealed, e.metadata::jsonb
+    FROM e
+    LEFT JOIN LATERAL (
+        SELECT stream_version, user_id, tx_id FROM events
+        WHERE stream_id = e.stream_id AND e.at IS NULL
+        ORDER BY stream_version DESC LIMIT 1
+    ) AS head ON true
+    WHERE coalesce(head.user_id, e.user_id) = e.user_id
+      AND (e.expected IS NULL OR coalesce(e.at, head.stream_version, 0) = e.expected)
+      AND (NOT e.new_stream OR coalesce(e.at, head.stream_version, 0) = 0)
+      AND (head.tx_id IS NULL OR head.tx_id < chatlog_xact_id())
+      AND (e.key_digest IS NULL OR NOT EXISTS (
+          SELECT FROM idempotency_keys AS used WHERE used.user_id = e.user_id AND used.key_digest = e.key_digest))
+    ORDER BY e.stream_id, e.ord
+    RETURNING event_id, stream_id, user_id, position, stream_version, recorded_at
+), new_keys AS (
+    INSERT INTO data_keys (stream_id, user_id, wrapped, master_id)
+    SELECT ins.stream_id, ins.user_id, e.wrapped, e.master_id FROM ins JOIN e USING (event_id) WHERE e.wrapped IS NOT NULL
+), new_idempotency AS (
+    INSERT INTO idempotency_keys (user_id, key_digest, fingerprint, stream_id, first_version, event_count)
+    SELECT ins.user_id, e.key_digest, e.fingerprint, ins.stream_id, ins.stream_version, e.events
+    FROM ins JOIN e USING (event_id) WHERE e.key_digest IS NOT NULL AND e.ord = 1
+)
+SELECT event_id, position, stream_version, recorded_at FROM ins
 """
 
-_APPEND_MANY = f"""
-INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
-                    idempotency_key, request_fingerprint)
-SELECT e.event_id, $1, coalesce(head.stream_version, 0) + e.ord::integer, $2, e.type,
-       e.data::jsonb, e.metadata::jsonb,
-       CASE WHEN e.ord = 1 THEN $8::text END, CASE WHEN e.ord = 1 THEN $9::bytea END
-FROM unnest($3::uuid[], $4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS e(event_id, type, data, metadata, ord)
-LEFT JOIN LATERAL ({_HEAD}) AS head ON true
-WHERE coalesce(head.user_id, $2) = $2
-  AND ($7::integer IS NULL OR coalesce(head.stream_version, 0) = $7::integer)
-  AND (head.tx_id IS NULL OR head.tx_id < chatlog_xact_id())
-ORDER BY e.ord
-RETURNING position, stream_version, recorded_at
-"""
-
-# The same appends at a version the caller knows (the stream's remembered head): a plain insert.
-# Should the stream have moved on, the unique (stream_id, stream_version) index refuses it.
-_APPEND_ONE_AT = """
-INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
-                    idempotency_key, request_fingerprint)
-VALUES ($3, $1, $7::integer + 1, $2, $4, $5::jsonb, $6::jsonb, $8::text, $9::bytea)
-RETURNING position, stream_version, recorded_at
-"""
-
-_APPEND_MANY_AT = """
-INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
-                    idempotency_key, request_fingerprint)
-SELECT e.event_id, $1, $7::integer + e.ord::integer, $2, e.type, e.data::jsonb, e.metadata::jsonb,
-       CASE WHEN e.ord = 1 THEN $8::text END, CASE WHEN e.ord = 1 THEN $9::bytea END
-FROM unnest($3::uuid[], $4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS e(event_id, type, data, metadata, ord)
-ORDER BY e.ord
-RETURNING position, stream_version, recorded_at
-"""
-
-# Group commit: the commands of a batch as one statement, so one transaction and one round trip,
-# one row per event (command values repeated). Each command is checked as if alone, against its
-# stream's head (looked up unless the store remembers it: `at`): the owner, and its expected
-# version, and that its idempotency key is unused. A command that fails a check inserts none of
-# its rows (its rows share the check) and is settled alone afterwards (a replay, a mismatch, a
-# 404, a 409). A unique conflict (a race with another process, events already stored by a try
-# whose answer was lost) fails the statement,
-# and every command of the batch goes alone: rare, and cheaper than the speculative insertion
-# of ON CONFLICT on every row. Rows go in by stream, so that batches lock in one order.
-_APPEND_BATCH = """
-INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata,
-                    idempotency_key, request_fingerprint)
-SELECT e.event_id, e.stream_id, coalesce(e.at, head.stream_version, 0) + e.ord, e.user_id, e.type,
-       e.data::jsonb, e.metadata::jsonb, e.idempotency_key, e.fingerprint
-FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::integer[],
-            $8::integer[], $9::integer[], $10::text[], $11::bytea[])
-     AS e(event_id, stream_id, user_id, type, data, metadata, ord, at, expected, idempotency_key, fingerprint)
-LEFT JOIN LATERAL (
-    SELECT stream_version, user_id FROM events
-    WHERE stream_id = e.stream_id AND e.at IS NULL
-    ORDER BY stream_version DESC LIMIT 1
-) AS head ON true
-WHERE coalesce(head.user_id, e.user_id) = e.user_id
-  AND (e.expected IS NULL OR coalesce(e.at, head.stream_version, 0) = e.expected)
-  AND (e.idempotency_key IS NULL OR NOT EXISTS (
-      SELECT FROM events AS used WHERE used.user_id = e.user_id AND used.idempotency_key = e.idempotency_key))
-ORDER BY e.stream_id, e.ord
-RETURNING event_id, position, stream_version, recorded_at
-"""
+_EXISTS = "SELECT EXISTS (SELECT FROM events WHERE stream_id = $1)"
 
 _BY_EVENT_IDS = (
     "SELECT position, stream_version, recorded_at FROM events WHERE event_id = ANY($1::uuid[]) ORDER BY position"
 )
 
-# The events a keyed command appended: its first event carries the key; the rest share its
-# stream, its transaction and the key in their metadata.
+# The events a keyed command appended: its idempotency record names its stream and versions.
 _PRIOR_COMMAND = """
-SELECT e.position, e.stream_version, first.request_fingerprint, e.recorded_at, e.stream_id
-FROM events AS first
-JOIN events AS e ON e.stream_id = first.stream_id AND e.tx_id = first.tx_id
-                AND e.metadata->>'idempotency_key' = first.idempotency_key
-WHERE first.user_id = $1 AND first.idempotency_key = $2
+SELECT e.position, e.stream_version, i.fingerprint, e.recorded_at, e.stream_id
+FROM idempotency_keys AS i
+JOIN events AS e ON e.stream_id = i.stream_id
+                AND e.stream_version >= i.first_version AND e.stream_version < i.first_version + i.event_count
+WHERE i.user_id = $1 AND i.key_digest = $2
 ORDER BY e.position
 """
 
+# An event with its stream's wrapped data key, read in the same snapshot: no key, no content.
 _COLUMNS = (
-    "position, event_id, stream_id, stream_version, user_id, type, data::text, metadata::text, recorded_at, tx_id"
+    "e.position, e.event_id, e.stream_id, e.stream_version, e.user_id, e.type, e.data::text, e.sealed, "
+    "e.metadata::text, e.recorded_at, e.tx_id, k.wrapped, k.master_id"
 )
+_FROM = "FROM events AS e LEFT JOIN data_keys AS k ON k.stream_id = e.stream_id AND e.sealed IS NOT NULL"
 
 _READ_STREAM = (
-    f"SELECT {_COLUMNS} FROM events WHERE stream_id = $1 AND user_id = $2 "
-    "AND stream_version > $3 ORDER BY stream_version"
+    f"SELECT {_COLUMNS} {_FROM} WHERE e.stream_id = $1 AND e.user_id = $2 "
+    "AND e.stream_version > $3 ORDER BY e.stream_version"
 )
 
 # DESIGN.md's rule: (tx_id, position) order, below the oldest running transaction.
 _READ_ALL = f"""
-SELECT {_COLUMNS} FROM events
-WHERE (tx_id, position) > ($1::xid8, $2::bigint)
-  AND tx_id < chatlog_horizon()
-ORDER BY tx_id, position
+SELECT {_COLUMNS} {_FROM}
+WHERE (e.tx_id, e.position) > ($1::xid8, $2::bigint)
+  AND e.tx_id < chatlog_horizon()
+ORDER BY e.tx_id, e.position
 LIMIT $3
 """
 
 _READ_USER = f"""
-SELECT {_COLUMNS} FROM events
-WHERE user_id = $4
-  AND (tx_id, position) > ($1::xid8, $2::bigint)
-  AND tx_id < chatlog_horizon()
-ORDER BY tx_id, position
+SELECT {_COLUMNS} {_FROM}
+WHERE e.user_id = $4
+  AND (e.tx_id, e.position) > ($1::xid8, $2::bigint)
+  AND e.tx_id < chatlog_horizon()
+ORDER BY e.tx_id, e.position
 LIMIT $3
 """
+
+# The worker holds the keys of the streams it folds until its batch commits: an erasure waits
+# for it (and then deletes what it wrote), or has committed and the batch sees no key.
+_HOLD_KEYS = "SELECT stream_id FROM data_keys WHERE stream_id = ANY($1::uuid[]) FOR KEY SHARE"
 
 
 def validate_user_id(user_id: str) -> None:
@@ -275,18 +260,62 @@ def fingerprint_of(stream_id: uuid.UUID, expected_version: int | None, encoded: 
 
 
 class Prepared(msgspec.Struct, frozen=True, kw_only=True):
-    """An append, validated and encoded, with its event ids chosen: ready to send, as often as needed
-    (the same ids each time, so that a retry after a lost connection can tell whether it landed)."""
+    """An append, validated, encoded and sealed, with its event ids chosen: ready to send, as
+    often as needed (the same ids each time, so that a retry after a lost connection can tell
+    whether it landed). `new_key` is the wrapped data key of a stream it starts: it is then
+    sealed under that key and lands only as the stream's first events."""
 
     user_id: str
     stream_id: uuid.UUID
     event_ids: tuple[uuid.UUID, ...]
     types: tuple[str, ...]
-    data: tuple[str, ...]
+    data: tuple[str, ...]  # each event's structure, in clear
+    sealed: tuple[bytes | None, ...]  # each event's content, sealed
     metadatas: tuple[str, ...]
     expected_version: int | None
     idempotency_key: str | None
+    key_digest: bytes | None
     fingerprint: bytes | None
+    new_key: bytes | None
+    master_id: str | None  # of the master key that wrapped `new_key`
+    data_key: AESGCM | None
+    content: tuple[bytes, ...]  # each event's JSON, to seal (again, under another key)
+    structures: tuple[dict[str, Any], ...]
+
+    def sealed_with(self, data_key: AESGCM | None, new_key: tuple[bytes, str] | None = None) -> Prepared:
+        """The same command (the same event ids) sealed under `data_key` (see `prepare`)."""
+        stored = [
+            seal_event(data_key, event_id, type_, data, structure)
+            for event_id, type_, data, structure in zip(
+                self.event_ids, self.types, self.content, self.structures, strict=True
+            )
+        ]
+        return msgspec.structs.replace(
+            self,
+            data=tuple(clear for clear, _ in stored),
+            sealed=tuple(sealed for _, sealed in stored),
+            new_key=None if new_key is None else new_key[0],
+            master_id=None if new_key is None else new_key[1],
+            data_key=data_key,
+        )
+
+
+def seal_event(
+    aead: AESGCM | None, event_id: uuid.UUID, type_: str, data: bytes, structure: dict[str, Any] | None = None
+) -> tuple[str, bytes | None]:
+    """An event's JSON as stored: its structure in clear (the ids and numbers queries use) and
+    the whole of it sealed under its stream's data key (nothing to seal for a content-free event)."""
+    if type_ in CONTENT_FREE:
+        return data.decode(), None
+    if aead is None:
+        raise EventValidationError(f"{type_} has content, and nothing to seal it with")
+    if structure is None:
+        raw = msgspec.json.decode(data)
+        structure = {name: raw[name] for name in STRUCTURE if name in raw}
+    return msgspec.json.encode(structure).decode(), seal(aead, data, event_aad(event_id, type_))
+
+
+_UNSEALED: Final[Any] = object()
 
 
 def prepare(
@@ -294,12 +323,18 @@ def prepare(
     stream_id: uuid.UUID,
     events: Sequence[Event],
     *,
+    data_key: AESGCM | None = _UNSEALED,
+    new_key: tuple[bytes, str] | None = None,
     expected_version: int | None = None,
     idempotency_key: str | None = None,
     fingerprint: bytes | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Prepared:
-    """Check and encode an append (see `append`); raises EventValidationError before any SQL."""
+    """Check, encode and seal an append (see `append`); raises EventValidationError before any SQL.
+
+    `data_key` is the stream's data key; with `new_key` (its wrapped form and the id of the master
+    key that wrapped it) the append must start the stream. Without a `data_key` the command is
+    checked and encoded only, to be sealed (`Prepared.sealed_with`) once its key is known."""
     validate_user_id(user_id)
     if type(stream_id) is not uuid.UUID and not isinstance(stream_id, uuid.UUID):
         raise EventValidationError("stream_id must be a UUID")
@@ -316,31 +351,53 @@ def prepare(
         fingerprint = None
     elif fingerprint is None:
         fingerprint = fingerprint_of(stream_id, expected_version, encoded)
-    if metadata is None and idempotency_key is None:
+    if metadata is None:
         metadatas = tuple(_PLAIN_METADATA[t] for t in types)
     else:
         try:
-            common: dict[str, Any] = msgspec.convert(metadata or {}, CommandMetadata)
+            common: dict[str, Any] = msgspec.convert(metadata, CommandMetadata)
         except msgspec.ValidationError as exc:
             raise EventValidationError(f"command metadata: {exc}") from exc
-        if idempotency_key is not None:
-            common["idempotency_key"] = idempotency_key
         metadatas = tuple(msgspec.json.encode({**common, "schema_version": SCHEMA_VERSIONS[t]}).decode() for t in types)
-    return Prepared(
+    draft = Prepared(
         user_id=user_id,
         stream_id=stream_id,
         event_ids=tuple(uuid7() for _ in range(count)),
         types=types,
-        data=tuple(d.decode() for d in encoded),
+        data=(),
+        sealed=(),
         metadatas=metadatas,
         expected_version=expected_version,
         idempotency_key=idempotency_key,
+        key_digest=None if idempotency_key is None else idempotency_digest(user_id, idempotency_key),
         fingerprint=fingerprint,
+        new_key=None,
+        master_id=None,
+        data_key=None,
+        content=tuple(encoded),
+        structures=tuple(_structure(event) for event in events),
     )
+    return draft if data_key is _UNSEALED else draft.sealed_with(data_key, new_key)
+
+
+def _structure(event: Event) -> dict[str, Any]:
+    return {name: value for name in STRUCTURE if (value := getattr(event, name, None)) is not None}
+
+
+class NewStreamRefused(Exception):
+    """An append sealed under a fresh key found its stream already there: seal it again under the
+    stream's own key (or, if the stream has none left, it is erased)."""
+
+
+async def stream_key(conn: asyncpg.Connection, keyring: Keyring, stream_id: uuid.UUID) -> AESGCM | None:
+    """The stream's data key, if it has one (a new stream has none yet; an erased one none left)."""
+    row = await conn.fetchrow("SELECT wrapped, master_id FROM data_keys WHERE stream_id = $1", stream_id)
+    return None if row is None else keyring.unwrap(stream_id, row[0], row[1])
 
 
 async def append(
     conn: asyncpg.Connection,
+    keyring: Keyring,
     user_id: str,
     stream_id: uuid.UUID,
     events: Sequence[Event],
@@ -348,7 +405,7 @@ async def append(
     heads: StreamHeads | None = None,
     **options: Any,
 ) -> Appended:
-    """Append `events` to a stream of `user_id` as one transaction.
+    """Append `events` to a stream of `user_id` as one transaction, sealed under the stream's key.
 
     Outside a transaction each attempt is one statement, so one transaction; inside the
     caller's transaction each attempt runs in a savepoint (and commits with the caller).
@@ -364,10 +421,39 @@ async def append(
       appends nothing; the same key for a different request raises `IdempotencyMismatch`.
       `fingerprint` identifies the request (callers that generate ids pass a digest of the
       request itself); by default it is a digest of the events.
-    - A stream that belongs to another user raises `NotFound` (or `VersionConflict` for
-      `expected_version=0`: that stream id is taken).
+    - A stream that belongs to another user, or whose content was erased, raises `NotFound`
+      (or `VersionConflict` for `expected_version=0`: that stream id is taken).
     """
-    return await append_prepared(conn, prepare(user_id, stream_id, events, **options), heads=heads)
+    draft = prepare(user_id, stream_id, events, **options)
+    for _ in range(MAX_APPEND_ATTEMPTS):
+        existing = None if draft.expected_version == 0 else await stream_key(conn, keyring, stream_id)
+        new_key = None
+        if existing is None:
+            existing, wrapped = keyring.new_data_key(stream_id)
+            new_key = (wrapped, keyring.current_id)
+        prepared = draft.sealed_with(existing, new_key)
+        try:
+            return await append_prepared(conn, prepared, heads=heads)
+        except NewStreamRefused:
+            if await stream_key(conn, keyring, stream_id) is None:
+                raise NotFound(str(stream_id)) from None
+    raise RuntimeError(f"append to stream {stream_id} lost {MAX_APPEND_ATTEMPTS} races in a row")
+
+
+def _columns(batch: Sequence[tuple[Prepared, int | None]]) -> list[list[Any]]:
+    """`_APPEND`'s arguments for commands, each with its stream's remembered head (or None)."""
+    rows: list[tuple[Any, ...]] = []
+    for p, at in batch:
+        count = len(p.event_ids)
+        digest, fingerprint, wrapped, master = p.key_digest, p.fingerprint, p.new_key, p.master_id
+        new_stream = wrapped is not None
+        for i, event_id in enumerate(p.event_ids):
+            rows.append((
+                event_id, p.stream_id, p.user_id, p.types[i], p.data[i], p.sealed[i], p.metadatas[i], i + 1, at,
+                p.expected_version, new_stream, digest, fingerprint, wrapped, master, count,
+            ))  # fmt: skip
+            fingerprint = wrapped = master = None  # on the command's first event only (the key on all: checked by each)
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 async def append_prepared(
@@ -377,29 +463,9 @@ async def append_prepared(
     user_id, stream_id = prepared.user_id, prepared.stream_id
     expected_version, idempotency_key, fingerprint = (
         prepared.expected_version,
-        prepared.idempotency_key,
+        prepared.key_digest,
         prepared.fingerprint,
     )
-    one = len(prepared.event_ids) == 1
-    if one:
-        values: tuple[Any, ...] = (
-            stream_id,
-            user_id,
-            prepared.event_ids[0],
-            prepared.types[0],
-            prepared.data[0],
-            prepared.metadatas[0],
-        )
-    else:
-        values = (
-            stream_id,
-            user_id,
-            list(prepared.event_ids),
-            list(prepared.types),
-            list(prepared.data),
-            list(prepared.metadatas),
-        )
-
     in_transaction = conn.is_in_transaction()
     if in_transaction:
         heads = None  # what a transaction sees may yet roll back: remember only committed heads
@@ -412,22 +478,17 @@ async def append_prepared(
                 _check_head(stream_id, user_id, expected_version, owner, version, exact=False)
             if expected_version is None or expected_version == version:
                 at = version
-        if at is None:
-            statement = _APPEND_ONE if one else _APPEND_MANY
-            args = (*values, expected_version, idempotency_key, fingerprint)
-        else:
-            statement = _APPEND_ONE_AT if one else _APPEND_MANY_AT
-            args = (*values, at, idempotency_key, fingerprint)
+        args = _columns([(prepared, at)])
         try:
             if in_transaction:
                 async with conn.transaction():  # a savepoint, so that a lost race can be retried
-                    rows = await conn.fetch(statement, *args)
+                    rows = await conn.fetch(_APPEND, *args)
             else:
-                rows = await conn.fetch(statement, *args)
+                rows = await conn.fetch(_APPEND, *args)
         except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name == "events_user_idempotency_key":
+            if exc.constraint_name == "idempotency_keys_pkey":
                 assert idempotency_key is not None and fingerprint is not None
-                replayed = await prior_command(conn, user_id, idempotency_key, fingerprint)
+                replayed = await _prior(conn, user_id, idempotency_key, fingerprint, prepared.idempotency_key)
                 if replayed is not None:
                     return replayed
             elif exc.constraint_name == "events_event_id_key":
@@ -436,7 +497,7 @@ async def append_prepared(
                 if landed is not None:
                     return landed
                 raise
-            elif exc.constraint_name != "events_stream_version_key":
+            elif exc.constraint_name not in ("events_stream_version_key", "data_keys_pkey"):
                 raise
             # Lost a race, or the remembered head was stale; the winner has committed (the
             # unique index waited for it).
@@ -446,21 +507,19 @@ async def append_prepared(
                 await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 20)))
             continue
         if rows:
+            rows.sort(key=lambda r: r[1])
             if heads is not None:
-                heads.remember(stream_id, user_id, rows[-1][1])
-            if one:
-                first = rows[0]
-                return Appended(stream_id=stream_id, positions=(first[0],), versions=(first[1],), recorded_at=first[2])
+                heads.remember(stream_id, user_id, rows[-1][2])
             return Appended(
                 stream_id=stream_id,
-                positions=tuple(r[0] for r in rows),
-                versions=tuple(r[1] for r in rows),
-                recorded_at=rows[0][2],
+                positions=tuple(r[1] for r in rows),
+                versions=tuple(r[2] for r in rows),
+                recorded_at=rows[0][3],
             )
         # Nothing inserted: the key was used before, or the stream refused the append.
         if idempotency_key is not None:
             assert fingerprint is not None
-            replayed = await prior_command(conn, user_id, idempotency_key, fingerprint)
+            replayed = await _prior(conn, user_id, idempotency_key, fingerprint, prepared.idempotency_key)
             if replayed is not None:
                 return replayed
         head = await conn.fetchrow(_HEAD, stream_id)
@@ -472,6 +531,8 @@ async def append_prepared(
                 raise StaleTransaction(
                     f"stream {stream_id} was appended to by a newer transaction; append in a new transaction"
                 )
+            if prepared.new_key is not None:
+                raise NewStreamRefused(str(stream_id))
         elif expected_version is not None and expected_version != 0:
             raise VersionConflict(expected_version, 0)
         # The head moved between the two statements: run again.
@@ -534,7 +595,15 @@ class StreamHeads:
 
 
 async def prior_command(conn: asyncpg.Connection, user_id: str, key: str, fingerprint: bytes) -> Appended | None:
-    rows = await conn.fetch(_PRIOR_COMMAND, user_id, key)
+    """The answer of the user's earlier command with this Idempotency-Key, if there was one;
+    `IdempotencyMismatch` if it asked for something else."""
+    return await _prior(conn, user_id, idempotency_digest(user_id, key), fingerprint, key)
+
+
+async def _prior(
+    conn: asyncpg.Connection, user_id: str, digest: bytes, fingerprint: bytes, key: str | None
+) -> Appended | None:
+    rows = await conn.fetch(_PRIOR_COMMAND, user_id, digest)
     if not rows:
         return None
     if rows[0][2] != fingerprint:
@@ -548,53 +617,79 @@ async def prior_command(conn: asyncpg.Connection, user_id: str, key: str, finger
     )
 
 
-def recorded(row: Any) -> RecordedEvent:
-    """A row of `_COLUMNS` as a decoded event."""
-    position, event_id, stream_id, version, user_id, type_, data, metadata, recorded_at, tx_id = row
-    meta: dict[str, Any] = msgspec.json.decode(metadata)
+def recorded(row: Any, keyring: Keyring, erased: frozenset[uuid.UUID] = frozenset()) -> RecordedEvent:
+    """A row of `_COLUMNS` as a decoded event, opened with its stream's key; erased when the
+    stream has no key (or is among `erased`)."""
+    (position, event_id, stream_id, version, user_id, type_, data, sealed, metadata, recorded_at, tx_id,
+     wrapped, master_id) = row  # fmt: skip
+    event: DomainEvent | None = None
+    meta: dict[str, Any] | None = None
+    if sealed is None or (wrapped is not None and stream_id not in erased):
+        meta = msgspec.json.decode(metadata)
+        if sealed is not None:
+            aead = keyring.unwrap(stream_id, wrapped, master_id)
+            data = open_sealed(aead, sealed, event_aad(event_id, type_))
+        event = decode_event(type_, data, meta.get("schema_version", 1))
     return RecordedEvent(
         position=position,
         event_id=event_id,
         stream_id=stream_id,
         stream_version=version,
         user_id=user_id,
-        event=decode_event(type_, data, meta.get("schema_version", 1)),
+        type=type_,
+        event=event,
         metadata=meta,
         recorded_at=recorded_at,
-        tx_id=tx_id,
+        tx_id=int(tx_id),
     )
 
 
 async def read_stream(
-    conn: asyncpg.Connection, user_id: str, stream_id: uuid.UUID, *, after_version: int = 0
+    conn: asyncpg.Connection, keyring: Keyring, user_id: str, stream_id: uuid.UUID, *, after_version: int = 0
 ) -> list[RecordedEvent]:
     """One user's stream, in version order (empty for another user's stream)."""
-    return [recorded(row) for row in await conn.fetch(_READ_STREAM, stream_id, user_id, after_version)]
+    return [recorded(row, keyring) for row in await conn.fetch(_READ_STREAM, stream_id, user_id, after_version)]
 
 
-async def read_all(conn: asyncpg.Connection, after: Checkpoint, limit: int = 1000) -> list[RecordedEvent]:
+async def read_all(
+    conn: asyncpg.Connection, keyring: Keyring, after: Checkpoint, limit: int = 1000, *, hold_keys: bool = False
+) -> list[RecordedEvent]:
     """The next events of the whole log after `after`, gap-safely (see the module docstring).
 
     If the reader's transaction already has an id (the worker locks its checkpoint row first),
-    the horizon stops at that id: events of newer transactions wait for the next read.
+    the horizon stops at that id: events of newer transactions wait for the next read. With
+    `hold_keys` (in a transaction) the streams' data keys stay locked until it ends, so that an
+    erasure cannot commit between this read and what the reader writes from it; a key erased
+    since the read makes its stream's events erased here too.
     """
-    return [recorded(row) for row in await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)]
+    rows = await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
+    erased: frozenset[uuid.UUID] = frozenset()
+    if hold_keys and rows:
+        keyed = list({row[2] for row in rows if row[11] is not None})
+        if keyed:
+            held = {r[0] for r in await conn.fetch(_HOLD_KEYS, keyed)}
+            erased = frozenset(keyed) - held
+    return [recorded(row, keyring, erased) for row in rows]
 
 
-async def read_user(conn: asyncpg.Connection, user_id: str, after: Checkpoint, limit: int = 100) -> list[RecordedEvent]:
+async def read_user(
+    conn: asyncpg.Connection, keyring: Keyring, user_id: str, after: Checkpoint, limit: int = 100
+) -> list[RecordedEvent]:
     """One user's events after `after`, in the same gap-safe order as `read_all`."""
     rows = await conn.fetch(_READ_USER, after.tx_id, after.position, limit, user_id)
-    return [recorded(row) for row in rows]
+    return [recorded(row, keyring) for row in rows]
 
 
-async def read_positions(conn: asyncpg.Connection, user_id: str, positions: Sequence[int]) -> list[RecordedEvent]:
+async def read_positions(
+    conn: asyncpg.Connection, keyring: Keyring, user_id: str, positions: Sequence[int]
+) -> list[RecordedEvent]:
     """The user's events at these positions, in position order."""
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM events WHERE position = ANY($1::bigint[]) AND user_id = $2 ORDER BY position",
+        f"SELECT {_COLUMNS} {_FROM} WHERE e.position = ANY($1::bigint[]) AND e.user_id = $2 ORDER BY e.position",
         list(positions),
         user_id,
     )
-    return [recorded(row) for row in rows]
+    return [recorded(row, keyring) for row in rows]
 
 
 async def checkpoint_of(conn: asyncpg.Connection, position: int) -> Checkpoint | None:
@@ -760,25 +855,19 @@ class GroupCommit:
         """The batch as one statement; `release` frees its slot as soon as the database has answered,
         so that the next batch is on its way while this one's answers are handed out."""
         heads = self.store.heads
-        rows: list[tuple[Any, ...]] = []
+        commands: list[tuple[Prepared, int | None]] = []
         for waiting in batch:
             p = waiting.prepared
             at: int | None = None
             known = heads.get(p.stream_id)
             if known is not None and known[0] == p.user_id and p.expected_version in (None, known[1]):
                 at = known[1]
-            expected, key, fingerprint = p.expected_version, p.idempotency_key, p.fingerprint
-            for i, event_id in enumerate(p.event_ids):
-                rows.append((
-                    event_id, p.stream_id, p.user_id, p.types[i], p.data[i], p.metadatas[i], i + 1, at, expected,
-                    key, fingerprint,
-                ))  # fmt: skip
-                key = fingerprint = None  # on the command's first event only
-        columns = [list(column) for column in zip(*rows, strict=True)]
+            commands.append((p, at))
+        columns = _columns(commands)
         inserted: dict[uuid.UUID, Any] = {}
         try:
             async with self.store.pool.acquire() as conn:
-                inserted = {row[0]: row for row in await conn.fetch(_APPEND_BATCH, *columns)}
+                inserted = {row[0]: row for row in await conn.fetch(_APPEND, *columns)}
         except DATABASE_UNAVAILABLE:
             # The connection was lost (or the database went away) mid-batch: committed or not is
             # unknown. Each command looks for its own events (their ids were chosen before the
@@ -847,18 +936,23 @@ class EventStore:
     def __init__(
         self,
         pool: ConnectionPool,
+        keyring: Keyring,
         *,
         notify_interval: float = 0.005,
         group_commit: bool = True,
         batches_in_flight: int = 2,
     ) -> None:
         self.pool = pool
+        self.keyring = keyring
         self.notify_interval = notify_interval
         self._notify_due = False
         self._notifier: asyncio.Task[None] | None = None
         self._local_listeners: list[Callable[[], None]] = []
         self.heads = StreamHeads()
         self.appended_events = 0
+        self._appending = 0  # appends between their call and their answer
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         self.group = GroupCommit(self, max_in_flight=batches_in_flight) if group_commit else None
 
     async def append(
@@ -871,14 +965,57 @@ class EventStore:
         """Append one command (see the module function `append` for the options), acknowledged
         once committed; with group commit, in a transaction shared with the commands that
         arrive together."""
-        prepared = prepare(user_id, stream_id, events, **options)
-        if self.group is not None:
-            return await self.group.submit(prepared)
+        draft = prepare(user_id, stream_id, events, **options)
+        new_stream = draft.expected_version == 0 or draft.types[0] in STARTS_STREAM
+        self._appending += 1
+        self._quiet.clear()
+        try:
+            for _ in range(MAX_APPEND_ATTEMPTS):
+                data_key, new_key = await self._data_key(stream_id, new_stream=new_stream)
+                prepared = draft.sealed_with(data_key, new_key)
+                try:
+                    result = await (self.group.submit(prepared) if self.group is not None else self._alone(prepared))
+                except NewStreamRefused:  # someone started the stream first: seal under its key
+                    new_stream = False
+                    continue
+                if not result.replayed:
+                    self.keyring.remember_writing_key(stream_id, data_key)
+                return result
+            raise RuntimeError(f"append to stream {stream_id} lost {MAX_APPEND_ATTEMPTS} races in a row")
+        finally:
+            self._appending -= 1
+            if not self._appending:
+                self._quiet.set()
+
+    async def _alone(self, prepared: Prepared) -> Appended:
         async with self.pool.acquire() as conn:
             result = await append_prepared(conn, prepared, heads=self.heads)
         if not result.replayed:
             self.appended(len(result.positions))
         return result
+
+    async def _data_key(self, stream_id: uuid.UUID, *, new_stream: bool) -> tuple[AESGCM, tuple[bytes, str] | None]:
+        """The stream's data key (remembered, or read from the database), or a new one (and its
+        wrapped form) for a stream that has none yet. NotFound for a stream that exists and has
+        no key left (erased); a command that makes a new stream asks nothing."""
+        if not new_stream:
+            aead = self.keyring.writing_key(stream_id)
+            if aead is not None:
+                return aead, None
+            async with self.pool.acquire() as conn:
+                aead = await stream_key(conn, self.keyring, stream_id)
+                if aead is None and await conn.fetchval(_EXISTS, stream_id):
+                    raise NotFound(str(stream_id))  # erased
+            if aead is not None:
+                self.keyring.remember_writing_key(stream_id, aead)
+                return aead, None
+        aead, wrapped = self.keyring.new_data_key(stream_id)
+        return aead, (wrapped, self.keyring.current_id)
+
+    def forget(self, stream_id: uuid.UUID) -> None:
+        """Forget what this process remembers of a stream (its head, its key): it is being erased."""
+        self.heads.forget(stream_id)
+        self.keyring.forget_writing_key(stream_id)
 
     def appended(self, count: int) -> None:
         """`count` events committed: count them and wake the listeners."""
@@ -912,6 +1049,7 @@ class EventStore:
 
     async def aclose(self) -> None:
         """Answer every append in flight, then send the last NOTIFY."""
+        await self._quiet.wait()
         if self.group is not None:
             await self.group.drain()
         if self._notifier is not None:

@@ -50,6 +50,7 @@ from service.errors import Unauthorized
 from service.eventstore import EventStore
 from service.ids import parse_uuid
 from service.problems import answer_for, problem, send_problem
+from service.sealing import Keyring
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -540,8 +541,9 @@ async def serve_stdio(settings: Settings, user: str) -> None:
 
     assert settings.database_url
     pool = ConnectionPool(settings.database_url, size=4)
-    store = EventStore(pool, group_commit=settings.group_commit)
-    workers = start_workers(settings, store) if settings.run_workers else {}
+    keyring = Keyring.from_settings(settings)
+    store = EventStore(pool, keyring, group_commit=settings.group_commit)
+    workers = start_workers(settings, keyring, store) if settings.run_workers else {}
 
     async def fixed_user(ctx: Context) -> str:
         return user

@@ -18,6 +18,7 @@ import msgspec
 from service import shapes
 from service.errors import BadRequest, NotReady
 from service.eventstore import Checkpoint, NotFound, RecordedEvent, read_user
+from service.sealing import Keyring
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _CONVERSATION_COLUMNS: Final = (
@@ -200,16 +201,19 @@ LIMIT 1
 
 
 async def list_events(
-    conn: asyncpg.Connection, user_id: str, after: Checkpoint, limit: int
+    conn: asyncpg.Connection, keyring: Keyring, user_id: str, after: Checkpoint, limit: int
 ) -> tuple[list[shapes.LogEvent], Checkpoint | None]:
-    events = await read_user(conn, user_id, after, limit + 1)
+    events = await read_user(conn, keyring, user_id, after, limit + 1)
     page = [_log_event(e) for e in events[:limit]]
     return page, (events[limit - 1].checkpoint if len(events) > limit else None)
 
 
 def _log_event(e: RecordedEvent) -> shapes.LogEvent:
-    data = msgspec.to_builtins(e.event)
-    data.pop("type", None)
+    """An event of the feed; an erased one keeps its place, as structure only."""
+    data = None
+    if e.event is not None:
+        data = msgspec.to_builtins(e.event)
+        data.pop("type", None)
     return shapes.LogEvent(
         position=e.position,
         event_id=e.event_id,
@@ -219,4 +223,5 @@ def _log_event(e: RecordedEvent) -> shapes.LogEvent:
         data=data,
         metadata=e.metadata,
         recorded_at=shapes.timestamp(e.recorded_at),
+        erased=e.erased,
     )

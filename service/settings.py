@@ -23,6 +23,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     cursor_secret: str | None = None  # signs list cursors; default: derived from the JWT secret
+    # Wraps every conversation's data key (service/sealing.py); default: generated into data_dir.
+    # Older keys may follow the current one, comma-separated, while `chatlog keys rotate` runs.
+    master_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     db_pool_size: int = 20

@@ -74,9 +74,10 @@ class LogEvent(msgspec.Struct, kw_only=True):
     type: str
     conversation_id: uuid.UUID
     version: int
-    data: dict[str, Any]
-    metadata: dict[str, Any]
+    data: dict[str, Any] | None  # None when erased
+    metadata: dict[str, Any] | None  # None when erased
     recorded_at: Timestamp
+    erased: bool = False  # its content was erased (API.md, "Deleting is erasing")
 
 
 class Page(msgspec.Struct, Generic[T], kw_only=True):

@@ -8,6 +8,7 @@ import logging
 from projections import select
 from projections.worker import Worker, WorkerSettings
 from service.eventstore import EventStore
+from service.sealing import Keyring
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -22,12 +23,14 @@ def worker_settings(settings: Settings) -> WorkerSettings:
     )
 
 
-def start_workers(settings: Settings, store: EventStore | None = None) -> dict[Worker, asyncio.Task[None]]:
+def start_workers(
+    settings: Settings, keyring: Keyring, store: EventStore | None = None
+) -> dict[Worker, asyncio.Task[None]]:
     """A worker task for every projection, woken by this process's own appends too."""
     assert settings.database_url
     workers: dict[Worker, asyncio.Task[None]] = {}
     for projection in select(settings):
-        worker = Worker(settings.database_url, projection, worker_settings(settings))
+        worker = Worker(settings.database_url, projection, keyring, worker_settings(settings))
         if store is not None:
             store.on_append(worker.wake)
         workers[worker] = asyncio.get_running_loop().create_task(

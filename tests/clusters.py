@@ -104,6 +104,7 @@ class Cluster:
 
 def chatlog_env(url: str, data: Path, **settings: str) -> dict[str, str]:
     """The environment of a `chatlog serve` on `url` for a drill (the tests' JWT secret, quick polls)."""
+    from tests.keys import MASTER_KEY
     from tests.support import SECRET
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
@@ -111,6 +112,7 @@ def chatlog_env(url: str, data: Path, **settings: str) -> dict[str, str]:
         CHATLOG_DATABASE_URL=url,
         CHATLOG_DATA_DIR=str(data),
         CHATLOG_JWT_SECRET=SECRET,
+        CHATLOG_MASTER_KEY=MASTER_KEY,
         CHATLOG_PROJECTION_POLL_INTERVAL="0.05",
         CHATLOG_READ_WAIT_SECONDS="10",
         CHATLOG_LOG_LEVEL="WARNING",

@@ -21,6 +21,7 @@ from service.connections import ConnectionPool
 from service.database import embedded_url, make_engine, migrate
 from service.eventstore import EventStore
 from service.settings import database_url
+from tests.keys import KEYRING, MASTER_KEY
 
 
 def _libpq(url: str) -> str:
@@ -112,7 +113,7 @@ async def pool(db_url: str) -> AsyncIterator[ConnectionPool]:
 
 @pytest.fixture
 async def store(pool: ConnectionPool) -> AsyncIterator[EventStore]:
-    es = EventStore(pool)
+    es = EventStore(pool, KEYRING)
     yield es
     await es.aclose()
 
@@ -132,7 +133,7 @@ def project_root() -> Path:
 def chatlog_env(db_url: str, tmp_path: Path) -> Iterator[dict[str, str]]:
     """Environment for running the `chatlog` CLI against this test's database."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
-    env.update(CHATLOG_DATABASE_URL=db_url, CHATLOG_DATA_DIR=str(tmp_path / "data"))
+    env.update(CHATLOG_DATABASE_URL=db_url, CHATLOG_DATA_DIR=str(tmp_path / "data"), CHATLOG_MASTER_KEY=MASTER_KEY)
     yield env
 
 

@@ -18,6 +18,7 @@ import jwt
 import pytest
 
 from tests.conftest import Databases
+from tests.keys import MASTER_KEY
 
 SECRET = "contract-suite-secret-" + "0123456789abcdef" * 4  # long enough for HS512 too
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -76,6 +77,7 @@ async def serve_api(
             "CHATLOG_DATABASE_URL": db_url,
             "CHATLOG_DATA_DIR": str(tmp_path_factory.mktemp("api-data")),
             "CHATLOG_JWT_SECRET": SECRET,
+            "CHATLOG_MASTER_KEY": MASTER_KEY,
             "CHATLOG_PROJECTION_POLL_INTERVAL": "0.05",
             "CHATLOG_READ_WAIT_SECONDS": "1",
             "CHATLOG_LOG_LEVEL": "WARNING",

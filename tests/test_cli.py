@@ -15,6 +15,7 @@ import httpx
 import jwt
 import pytest
 
+from tests.keys import MASTER_KEY
 from tests.support import serve
 
 
@@ -27,6 +28,7 @@ def free_port() -> int:
 def clean_env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
     env["CHATLOG_DATA_DIR"] = str(data_dir)
+    env["CHATLOG_MASTER_KEY"] = MASTER_KEY
     return env
 
 

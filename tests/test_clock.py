@@ -12,6 +12,7 @@ from service import clock
 from service.events import ConversationStarted, MessageAppended
 from service.eventstore import Checkpoint, EventStore, read_all
 from service.ids import uuid7
+from tests.keys import KEYRING
 
 FAR = 2**40  # a restored id from a server far ahead of this one
 
@@ -32,19 +33,27 @@ async def test_a_log_from_a_server_far_ahead_is_shifted_once_and_new_events_foll
             data,
             str(FAR),
         )
-        assert await read_all(conn, Checkpoint()) == []  # the restored event hides above the horizon
+        await conn.execute(
+            "INSERT INTO data_keys (stream_id, user_id, wrapped, master_id) VALUES ($1, 'alice', $2, $3)",
+            stream,
+            KEYRING.new_data_key(stream)[1],
+            KEYRING.current_id,
+        )
+        assert await read_all(conn, KEYRING, Checkpoint()) == []  # the restored event hides above the horizon
         shifts = await asyncio.gather(*(clock.settle(c) for c in others))  # two processes at once
         assert sum(s is not None for s in shifts) == 1
         assert await clock.settle(conn) is None  # and once more: nothing to do
         appended = await store.append(
             "alice", stream, [MessageAppended(message_id=uuid7(), role="user", content="new")]
         )
-        events = await read_all(conn, Checkpoint())
+        events = await read_all(conn, KEYRING, Checkpoint())
         assert [e.position for e in events] == [events[0].position, appended.position]
         assert events[0].tx_id == FAR and events[1].tx_id > FAR  # old first, then new
-        assert await read_all(conn, events[0].checkpoint) == [events[1]]  # a checkpoint from before still works
+        assert await read_all(conn, KEYRING, events[0].checkpoint) == [
+            events[1]
+        ]  # a checkpoint from before still works
         fresh = await store.append("bob", uuid7(), [ConversationStarted(title="later")])
-        assert (await read_all(conn, events[1].checkpoint))[0].position == fresh.position
+        assert (await read_all(conn, KEYRING, events[1].checkpoint))[0].position == fresh.position
     finally:
         for c in (conn, *others):
             await c.close()

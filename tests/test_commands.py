@@ -12,6 +12,7 @@ import pytest
 from service import commands, shapes
 from service.connections import ConnectionPool
 from service.eventstore import EventStore, NotFound, VersionConflict
+from tests.keys import KEYRING
 
 NO_KEY = commands.Idempotency(None, b"")
 
@@ -20,7 +21,7 @@ class Process:
     """What one API process holds: a store on its own pool, and its own memory of heads."""
 
     def __init__(self, db_url: str) -> None:
-        self.store = EventStore(ConnectionPool(db_url, size=10))
+        self.store = EventStore(ConnectionPool(db_url, size=10), KEYRING)
         self.heads = commands.ConversationHeads()
 
     async def say(self, user: str, cid: uuid.UUID, text: str, expected: int | None = None) -> shapes.Message:

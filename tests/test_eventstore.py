@@ -25,6 +25,7 @@ from service.eventstore import (
     VersionConflict,
 )
 from service.ids import uuid7
+from tests.keys import KEYRING, message_contents, opened_events
 
 
 def message(content: str = "hello", role: str = "user") -> MessageAppended:
@@ -60,7 +61,7 @@ async def test_events_cannot_be_changed_from_a_raw_connection(store: EventStore,
         with pytest.raises(asyncpg.PostgresError, match="append-only"):
             await conn.execute(statement)
         assert await conn.fetchval("SELECT count(*) FROM events") == 1
-        assert await conn.fetchval("SELECT data->>'title' FROM events") == "kept"
+        assert await conn.fetchval("SELECT type FROM events") == "conversation.started"
     finally:
         await conn.close()
 
@@ -76,7 +77,7 @@ async def test_appends_number_a_stream_from_one(store: EventStore) -> None:
     assert second.versions == (2, 3)
     assert first.position < second.positions[0] < second.positions[1]
     async with store.pool.acquire() as conn:
-        events = await eventstore.read_stream(conn, "alice", stream)
+        events = await eventstore.read_stream(conn, KEYRING, "alice", stream)
     assert [e.stream_version for e in events] == [1, 2, 3]
     assert [e.type for e in events] == ["conversation.started", "message.appended", "message.appended"]
     assert events[1].event == second_message(events)
@@ -97,23 +98,17 @@ async def test_concurrent_appends_from_separate_connections_get_versions_1_to_50
     conns = [await asyncpg.connect(raw_dsn) for _ in range(50)]
     try:
         results = await asyncio.gather(
-            *(eventstore.append(conn, "alice", stream, [message(f"m{i}")]) for i, conn in enumerate(conns))
+            *(eventstore.append(conn, KEYRING, "alice", stream, [message(f"m{i}")]) for i, conn in enumerate(conns))
         )
     finally:
         await asyncio.gather(*(conn.close() for conn in conns))
     assert sorted(r.version for r in results) == list(range(1, 51))
     assert len({r.position for r in results}) == 50
-    conn = await asyncpg.connect(raw_dsn)
-    try:
-        rows = await conn.fetch(
-            "SELECT stream_version, data->>'content' AS c FROM events "
-            "WHERE stream_id = $1 AND type = 'message.appended'",
-            stream,
-        )
-    finally:
-        await conn.close()
-    assert sorted(r["stream_version"] for r in rows) == list(range(1, 51))
-    assert sorted(r["c"] for r in rows) == sorted(f"m{i}" for i in range(50))
+    rows = [e for e in await opened_events(raw_dsn) if e.stream_id == stream]
+    assert sorted(r.stream_version for r in rows) == list(range(1, 51))
+    assert sorted(r.event.content for r in rows if isinstance(r.event, MessageAppended)) == sorted(
+        f"m{i}" for i in range(50)
+    )
 
 
 async def test_stale_expected_version_conflicts_and_writes_nothing(store: EventStore, raw_dsn: str) -> None:
@@ -124,7 +119,7 @@ async def test_stale_expected_version_conflicts_and_writes_nothing(store: EventS
         await store.append("alice", stream, [message("late")], expected_version=1)
     assert (info.value.expected, info.value.current) == (1, 2)
     assert await count_events(raw_dsn, "stream_id = $1", stream) == 2
-    assert await count_events(raw_dsn, "data->>'content' = 'late'") == 0
+    assert (await message_contents(raw_dsn))["late"] == 0
 
 
 async def test_concurrent_expected_version_appends_let_exactly_one_win(store: EventStore, raw_dsn: str) -> None:
@@ -156,7 +151,7 @@ async def test_another_users_stream_is_not_found_and_unreadable(store: EventStor
     with pytest.raises(NotFound):
         await store.append("bob", stream, [message("intrusion")], expected_version=1)
     async with store.pool.acquire() as conn:
-        assert await eventstore.read_stream(conn, "bob", stream) == []
+        assert await eventstore.read_stream(conn, KEYRING, "bob", stream) == []
     assert await count_events(raw_dsn, "stream_id = $1", stream) == 1
 
 
@@ -182,7 +177,7 @@ async def test_ten_concurrent_retries_with_one_key_store_one_event(store: EventS
     results = await asyncio.gather(*(store.append("alice", stream, [event], idempotency_key="same") for _ in range(10)))
     assert len({r.positions for r in results}) == 1
     assert sum(not r.replayed for r in results) == 1
-    assert await count_events(raw_dsn, "data->>'content' = 'exactly once'") == 1
+    assert (await message_contents(raw_dsn))["exactly once"] == 1
 
 
 async def test_a_reused_key_with_different_content_is_a_mismatch_and_stores_nothing(
@@ -195,7 +190,7 @@ async def test_a_reused_key_with_different_content_is_a_mismatch_and_stores_noth
         await store.append("alice", stream, [message("second")], idempotency_key="k")
     with pytest.raises(IdempotencyMismatch):
         await store.append("alice", uuid7(), [ConversationStarted()], idempotency_key="k")
-    assert await count_events(raw_dsn, "data->>'content' = 'second'") == 0
+    assert (await message_contents(raw_dsn))["second"] == 0
     assert await count_events(raw_dsn, "user_id = 'alice'") == 2
 
 
@@ -219,7 +214,9 @@ async def test_idempotency_keys_survive_a_new_process_pool(store: EventStore, db
     first = await store.append("alice", stream, [ConversationStarted()], idempotency_key="durable")
     other = ConnectionPool(db_url, size=1)
     try:
-        again = await EventStore(other).append("alice", stream, [ConversationStarted()], idempotency_key="durable")
+        again = await EventStore(other, KEYRING).append(
+            "alice", stream, [ConversationStarted()], idempotency_key="durable"
+        )
     finally:
         await other.close()
     assert again.replayed and again.positions == first.positions
@@ -252,7 +249,7 @@ async def append_logging_sql(raw_dsn: str, events: list[object]) -> list[str]:
     statements: list[str] = []
     conn.add_query_logger(lambda record: statements.append(record.query))
     try:
-        await eventstore.append(conn, "alice", uuid7(), events)  # type: ignore[arg-type]
+        await eventstore.append(conn, KEYRING, "alice", uuid7(), events)  # type: ignore[arg-type]
     finally:
         await conn.close()
     return statements
@@ -270,7 +267,7 @@ async def test_bad_input_is_a_validation_error_before_any_sql(raw_dsn: str, case
     conn.add_query_logger(lambda record: statements.append(record.query))
     try:
         with pytest.raises(EventValidationError):
-            await eventstore.append(conn, "alice", uuid7(), BAD_APPENDS[case]())  # type: ignore[no-untyped-call]
+            await eventstore.append(conn, KEYRING, "alice", uuid7(), BAD_APPENDS[case]())  # type: ignore[no-untyped-call]
     finally:
         await conn.close()
     assert statements == []
@@ -305,11 +302,11 @@ async def test_bad_append_arguments_are_validation_errors(
 
 async def read_all_now(pool: ConnectionPool, after: Checkpoint) -> list[eventstore.RecordedEvent]:
     async with pool.acquire() as conn:
-        return await eventstore.read_all(conn, after)
+        return await eventstore.read_all(conn, KEYRING, after)
 
 
 async def test_a_held_transaction_hides_later_commits_until_it_commits(pool: ConnectionPool, raw_dsn: str) -> None:
-    store = EventStore(pool)
+    store = EventStore(pool, KEYRING)
     before = await store.append("alice", uuid7(), [ConversationStarted(title="before")])
     seen = await read_all_now(pool, Checkpoint())
     assert [e.position for e in seen] == [before.position]
@@ -319,7 +316,7 @@ async def test_a_held_transaction_hides_later_commits_until_it_commits(pool: Con
     try:
         tx = held.transaction()
         await tx.start()
-        a = await eventstore.append(held, "alice", uuid7(), [ConversationStarted(title="A")])
+        a = await eventstore.append(held, KEYRING, "alice", uuid7(), [ConversationStarted(title="A")])
         b = await store.append("bob", uuid7(), [ConversationStarted(title="B")])
         assert b.position > a.position
         assert await read_all_now(pool, checkpoint) == []
@@ -333,14 +330,14 @@ async def test_a_transaction_that_began_first_but_appends_last_is_still_read_fir
     pool: ConnectionPool, raw_dsn: str
 ) -> None:
     """The event with the larger position comes first: its transaction is older."""
-    store = EventStore(pool)
+    store = EventStore(pool, KEYRING)
     held = await asyncpg.connect(raw_dsn)
     try:
         tx = held.transaction()
         await tx.start()
         await held.execute("SELECT pg_current_xact_id()")  # take a transaction id now
         b = await store.append("bob", uuid7(), [ConversationStarted(title="B")])
-        a = await eventstore.append(held, "alice", uuid7(), [ConversationStarted(title="A")])
+        a = await eventstore.append(held, KEYRING, "alice", uuid7(), [ConversationStarted(title="A")])
         assert a.position > b.position
         assert await read_all_now(pool, Checkpoint()) == []
         await tx.commit()
@@ -354,7 +351,7 @@ async def test_an_append_inside_a_rolled_back_transaction_leaves_nothing(pool: C
     try:
         tx = held.transaction()
         await tx.start()
-        await eventstore.append(held, "alice", uuid7(), [ConversationStarted()])
+        await eventstore.append(held, KEYRING, "alice", uuid7(), [ConversationStarted()])
         await tx.rollback()
     finally:
         await held.close()
@@ -366,7 +363,7 @@ async def test_read_all_pages_by_limit_without_repeats(store: EventStore) -> Non
     appended = [await store.append("alice", uuid7(), [ConversationStarted(title=str(i))]) for i in range(7)]
     checkpoint, seen = Checkpoint(), []
     async with store.pool.acquire() as conn:
-        while page := await eventstore.read_all(conn, checkpoint, limit=3):
+        while page := await eventstore.read_all(conn, KEYRING, checkpoint, limit=3):
             seen += [e.position for e in page]
             checkpoint = page[-1].checkpoint
     assert seen == [a.position for a in appended]
@@ -392,7 +389,7 @@ async def test_interleaved_commits_and_rollbacks_are_read_once_each_none_skipped
                 tx = conn.transaction()
                 await tx.start()
                 result = await eventstore.append(
-                    conn, f"user{n}", uuid7(), [ConversationStarted(title=f"{n}-{i}")] * rng.randint(1, 3)
+                    conn, KEYRING, f"user{n}", uuid7(), [ConversationStarted(title=f"{n}-{i}")] * rng.randint(1, 3)
                 )
                 await asyncio.sleep(rng.uniform(0, 0.01))
                 if rng.random() < 0.25:
@@ -409,7 +406,7 @@ async def test_interleaved_commits_and_rollbacks_are_read_once_each_none_skipped
         async with pool.acquire() as conn:
             while True:
                 finished = done.is_set()
-                page = await eventstore.read_all(conn, checkpoint, limit=rng.randint(1, 10))
+                page = await eventstore.read_all(conn, KEYRING, checkpoint, limit=rng.randint(1, 10))
                 seen.extend(e.position for e in page)
                 if page:
                     assert page[0].checkpoint > checkpoint
@@ -433,8 +430,8 @@ async def test_a_users_feed_holds_only_their_events_in_log_order(store: EventSto
     mine = [await store.append("alice", uuid7(), [ConversationStarted(), message()]) for _ in range(3)]
     await store.append("bob", uuid7(), [ConversationStarted()])
     async with store.pool.acquire() as conn:
-        page1 = await eventstore.read_user(conn, "alice", Checkpoint(), limit=4)
-        page2 = await eventstore.read_user(conn, "alice", page1[-1].checkpoint, limit=4)
+        page1 = await eventstore.read_user(conn, KEYRING, "alice", Checkpoint(), limit=4)
+        page2 = await eventstore.read_user(conn, KEYRING, "alice", page1[-1].checkpoint, limit=4)
     positions = [e.position for e in page1 + page2]
     assert positions == [p for m in mine for p in m.positions]
     assert {e.user_id for e in page1 + page2} == {"alice"}
@@ -445,7 +442,7 @@ async def test_deleted_conversation_events_stay_in_the_log(store: EventStore) ->
     await store.append("alice", stream, [ConversationStarted(), message()])
     await store.append("alice", stream, [ConversationDeleted()])
     async with store.pool.acquire() as conn:
-        events = await eventstore.read_stream(conn, "alice", stream)
+        events = await eventstore.read_stream(conn, KEYRING, "alice", stream)
     assert [e.type for e in events] == ["conversation.started", "message.appended", "conversation.deleted"]
 
 
@@ -469,7 +466,7 @@ async def test_two_stores_taking_turns_on_one_stream_keep_versions_gapless(db_ur
     """Each store remembers the head it last wrote; the other moves it on. Every stale guess is
     refused by the unique index and retried, so versions stay 1..N with no gap and no repeat."""
     pools = [ConnectionPool(db_url, size=4) for _ in range(2)]
-    stores = [EventStore(p) for p in pools]
+    stores = [EventStore(p, KEYRING) for p in pools]
     stream = uuid7()
     try:
         versions = [(await stores[i % 2].append("alice", stream, [message(str(i))])).version for i in range(20)]
@@ -493,7 +490,7 @@ async def test_two_stores_taking_turns_on_one_stream_keep_versions_gapless(db_ur
 
 async def test_expected_versions_are_judged_against_the_true_head_not_a_stale_memory(db_url: str) -> None:
     pools = [ConnectionPool(db_url, size=2) for _ in range(2)]
-    a, b = (EventStore(p) for p in pools)
+    a, b = (EventStore(p, KEYRING) for p in pools)
     stream = uuid7()
     try:
         await a.append("alice", stream, [ConversationStarted()], expected_version=0)  # a remembers 1
@@ -521,7 +518,7 @@ async def test_an_append_rolled_back_elsewhere_does_not_move_a_remembered_head(s
     try:
         tx = conn.transaction()
         await tx.start()
-        assert (await eventstore.append(conn, "alice", stream, [message("gone")])).version == 2
+        assert (await eventstore.append(conn, KEYRING, "alice", stream, [message("gone")])).version == 2
         await tx.rollback()
     finally:
         await conn.close()
@@ -540,11 +537,11 @@ async def test_an_older_transaction_cannot_append_behind_a_newer_ones_event_on_t
         await conn.execute("SELECT pg_current_xact_id()")  # this transaction is now the older one
         await store.append("alice", stream, [ConversationStarted()])
         with pytest.raises(eventstore.StaleTransaction):
-            await eventstore.append(conn, "alice", stream, [message("late")])
+            await eventstore.append(conn, KEYRING, "alice", stream, [message("late")])
         await tx.rollback()
     finally:
         await conn.close()
     assert (await store.append("alice", stream, [message("in order")])).version == 2
     async with store.pool.acquire() as c:
-        events = await eventstore.read_all(c, Checkpoint())
+        events = await eventstore.read_all(c, KEYRING, Checkpoint())
     assert [(e.stream_id, e.stream_version) for e in events] == [(stream, 1), (stream, 2)]

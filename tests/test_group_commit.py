@@ -15,6 +15,7 @@ from service.connections import ConnectionPool
 from service.events import ConversationStarted, EventValidationError, MessageAppended
 from service.eventstore import Appended, EventStore, IdempotencyMismatch, NotFound, VersionConflict
 from service.ids import uuid7
+from tests.keys import KEYRING, message_contents
 
 
 def message(content: str) -> MessageAppended:
@@ -34,12 +35,7 @@ async def versions_by_stream(raw_dsn: str) -> dict[Any, list[int]]:
 
 
 async def contents(raw_dsn: str) -> Counter[str]:
-    conn = await asyncpg.connect(raw_dsn)
-    try:
-        rows = await conn.fetch("SELECT data->>'content' FROM events WHERE type = 'message.appended'")
-    finally:
-        await conn.close()
-    return Counter(row[0] for row in rows)
+    return await message_contents(raw_dsn)
 
 
 async def test_a_crowd_of_mixed_commands_each_gets_the_answer_it_would_get_alone(
@@ -127,7 +123,7 @@ async def test_a_crowd_of_mixed_commands_each_gets_the_answer_it_would_get_alone
 async def test_a_connection_killed_mid_batch_loses_no_acknowledged_append_and_doubles_none(
     pool: ConnectionPool, raw_dsn: str
 ) -> None:
-    store = EventStore(pool)
+    store = EventStore(pool, KEYRING)
     streams = [uuid7() for _ in range(40)]
     for stream in streams:
         await store.append("alice", stream, [ConversationStarted(title="t")])
@@ -197,6 +193,12 @@ async def test_a_caller_cancelled_while_queued_stores_nothing(store: EventStore,
             uuid7(),
             blocked,
         )
+        await blocker.execute(
+            "INSERT INTO data_keys (stream_id, user_id, wrapped, master_id) VALUES ($1, 'alice', $2, $3)",
+            blocked,
+            KEYRING.new_data_key(blocked)[1],
+            KEYRING.current_id,
+        )
         # Appends to a stream whose first event is not committed yet wait on its unique index:
         # two of them take both in-flight slots, so the next command queues.
         first = asyncio.ensure_future(store.append("alice", blocked, [message("after the blocker 1")]))
@@ -224,7 +226,7 @@ async def test_a_caller_cancelled_while_queued_stores_nothing(store: EventStore,
 
 
 async def test_closing_the_store_answers_every_append_first(pool: ConnectionPool, raw_dsn: str) -> None:
-    store = EventStore(pool)
+    store = EventStore(pool, KEYRING)
     writes = [asyncio.ensure_future(store.append("alice", uuid7(), [message(f"drain {i}")])) for i in range(100)]
     await asyncio.sleep(0)
     await store.aclose()

@@ -25,6 +25,7 @@ from service.cursors import Cursors
 from service.eventstore import EventStore
 from service.mcp import Tools, build_server
 from service.settings import Settings
+from tests.keys import KEYRING, MASTER_KEY
 from tests.support import SECRET, Api, assert_problem, auth, new_user, token
 
 TOOLS = {"list_conversations", "get_messages", "search_messages", "append_message"}
@@ -40,7 +41,12 @@ async def over_http(api: Api, user: str) -> AsyncIterator[Client]:
 @asynccontextmanager
 async def over_stdio(api: Api, user: str) -> AsyncIterator[Client]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATLOG_")}
-    env.update(CHATLOG_DATABASE_URL=api.db_url, CHATLOG_JWT_SECRET=SECRET, CHATLOG_LOG_LEVEL="WARNING")
+    env.update(
+        CHATLOG_DATABASE_URL=api.db_url,
+        CHATLOG_JWT_SECRET=SECRET,
+        CHATLOG_MASTER_KEY=MASTER_KEY,
+        CHATLOG_LOG_LEVEL="WARNING",
+    )
     params = StdioServerParameters(
         command=sys.executable, args=["-m", "service.cli", "mcp", "--user", user, "--no-workers"], env=env
     )
@@ -420,7 +426,7 @@ async def test_an_unexpected_error_in_a_tool_is_the_internal_problem_document(ca
         return "someone"
 
     settings = Settings(database_url="postgresql+asyncpg://chatlog@127.0.0.1:1/none", jwt_secret=SECRET)
-    tools = Tools(settings, pool, EventStore(pool), ConversationHeads(), Cursors(SECRET), fixed_user)
+    tools = Tools(settings, pool, EventStore(pool, KEYRING), ConversationHeads(), Cursors(SECRET), fixed_user)
     async with Client(build_server(tools)) as client:
         result = await client.call_tool("list_conversations", {})
     assert result.is_error

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Databases
+from tests.keys import MASTER_KEY
 from tests.support import SECRET, Api, Served, _free_port, auth, new_user, serve, serve_api
 
 
@@ -24,6 +25,7 @@ async def two(databases: Databases, tmp_path_factory: pytest.TempPathFactory) ->
             CHATLOG_DATABASE_URL=first.db_url,
             CHATLOG_DATA_DIR=str(tmp_path_factory.mktemp("second-data")),
             CHATLOG_JWT_SECRET=SECRET,
+            CHATLOG_MASTER_KEY=MASTER_KEY,
             CHATLOG_RUN_WORKERS="false",
             CHATLOG_READ_WAIT_SECONDS="5",
             CHATLOG_LOG_LEVEL="WARNING",

@@ -32,6 +32,7 @@ from service.database import downgrade, make_engine, migrate
 from service.events import ConversationDeleted, ConversationStarted, ConversationUpdated, MessageAppended
 from service.eventstore import Checkpoint, EventStore, RecordedEvent
 from service.ids import uuid7
+from tests.keys import KEYRING
 
 CONVERSATIONS = ConversationsProjection(search_config="simple")
 FAST = WorkerSettings(batch_size=100, poll_interval=0.05, standby_interval=0.1, reconnect_interval=0.1)
@@ -47,7 +48,7 @@ async def catch_up(raw_dsn: str, batch_size: int = 100) -> int:
     try:
         await ensure_checkpoint(conn, CONVERSATIONS.name)
         total = 0
-        while applied := await apply_batch(conn, CONVERSATIONS, batch_size):
+        while applied := await apply_batch(conn, CONVERSATIONS, KEYRING, batch_size):
             total += applied
         return total
     finally:
@@ -82,7 +83,7 @@ async def wait_for(predicate: object, within: float = 15.0) -> None:
 
 
 async def assert_verified(db_url: str) -> None:
-    differences = await verify(db_url, CONVERSATIONS)
+    differences = await verify(db_url, CONVERSATIONS, KEYRING)
     assert differences == [], differences
 
 
@@ -209,7 +210,7 @@ async def test_replay_rebuilds_the_search_vectors_and_verify_finds_a_hand_edited
     await catch_up(raw_dsn)
     await query(raw_dsn, "UPDATE messages SET search = to_tsvector('simple', 'tampered') WHERE seq = 1")
     assert await matching(raw_dsn, "fox") == []
-    differences = await verify(db_url, CONVERSATIONS)
+    differences = await verify(db_url, CONVERSATIONS, KEYRING)
     assert {(d.table, d.side) for d in differences} == {
         ("messages", "only in the read table"),
         ("messages", "only in a fresh fold"),
@@ -218,7 +219,7 @@ async def test_replay_rebuilds_the_search_vectors_and_verify_finds_a_hand_edited
         "'tampered':1",
         "' u:616c696365' 'brown':3 'fox':4 'quick':2 'the':1",
     }
-    await replay(db_url, CONVERSATIONS)
+    await replay(db_url, CONVERSATIONS, KEYRING)
     assert await matching(raw_dsn, "fox") == ["The quick brown Fox"]
     await assert_verified(db_url)
     conn = await asyncpg.connect(raw_dsn)
@@ -279,7 +280,7 @@ async def test_the_projection_never_skips_an_event_held_in_an_open_transaction(
         tx = held.transaction()
         await tx.start()
         a = uuid7()
-        await eventstore.append(held, "alice", a, [ConversationStarted(title="held")])
+        await eventstore.append(held, KEYRING, "alice", a, [ConversationStarted(title="held")])
         b = await conversation_with_messages(store, "bob", 2, "later")
         await catch_up(raw_dsn)
         assert await query(raw_dsn, "SELECT id FROM conversations") == [], "nothing past the held event yet"
@@ -297,7 +298,7 @@ async def test_random_interleavings_with_a_running_worker_lose_and_double_nothin
     rng = random.Random(7)
     started: set[uuid.UUID] = set()
     messages_per: dict[uuid.UUID, int] = {}
-    worker = Worker(db_url, CONVERSATIONS, WorkerSettings(batch_size=7, poll_interval=0.01))
+    worker = Worker(db_url, CONVERSATIONS, KEYRING, WorkerSettings(batch_size=7, poll_interval=0.01))
     running = asyncio.create_task(worker.run())
 
     async def writer(n: int) -> None:
@@ -352,14 +353,14 @@ async def test_a_crash_after_the_writes_but_before_commit_leaves_nothing_half_ap
     async def crash(events: Sequence[RecordedEvent]) -> None:
         raise RuntimeError("the process dies here")
 
-    doomed = Worker(db_url, CONVERSATIONS, FAST, before_commit=crash)
+    doomed = Worker(db_url, CONVERSATIONS, KEYRING, FAST, before_commit=crash)
     with pytest.raises(RuntimeError, match="dies here"):
         await doomed.run()
     assert await query(raw_dsn, "SELECT 1 FROM conversations") == []
     assert await query(raw_dsn, "SELECT 1 FROM messages") == []
     assert await checkpoint_position(raw_dsn) == 0
 
-    restarted = Worker(db_url, CONVERSATIONS, FAST)
+    restarted = Worker(db_url, CONVERSATIONS, KEYRING, FAST)
     running = asyncio.create_task(restarted.run())
     await wait_for(lambda: _caught_up(raw_dsn))
     restarted.stop()
@@ -453,7 +454,7 @@ async def catch_up_some(raw_dsn: str, stream: uuid.UUID) -> None:
 
 
 async def test_only_one_of_two_workers_applies_events(store: EventStore, db_url: str, raw_dsn: str) -> None:
-    first, second = Worker(db_url, CONVERSATIONS, FAST), Worker(db_url, CONVERSATIONS, FAST)
+    first, second = Worker(db_url, CONVERSATIONS, KEYRING, FAST), Worker(db_url, CONVERSATIONS, KEYRING, FAST)
     tasks = [asyncio.create_task(w.run()) for w in (first, second)]
     try:
         await wait_for(lambda: _true(first.active or second.active))
@@ -518,7 +519,7 @@ async def test_an_event_it_cannot_apply_stops_the_projection_naming_its_position
     good = await conversation_with_messages(store, "alice", 2)
     orphan = await store.append("alice", uuid7(), [message("no conversation")])  # the log allows it
     await conversation_with_messages(store, "alice", 1, "after")
-    worker = Worker(db_url, CONVERSATIONS, FAST)
+    worker = Worker(db_url, CONVERSATIONS, KEYRING, FAST)
     await asyncio.wait_for(worker.run(), 10)  # returns: the projection stopped
     assert worker.failure is not None and worker.failure.position == orphan.position
     assert [r[0] for r in await query(raw_dsn, "SELECT id FROM conversations")] == [good]
@@ -557,7 +558,7 @@ async def test_replay_under_load_swaps_in_tables_equal_to_the_incremental_ones(
     for i in range(30):
         await conversation_with_messages(store, f"u{i % 3}", 5, f"c{i}")
     await catch_up(raw_dsn)
-    worker = Worker(db_url, CONVERSATIONS, FAST)
+    worker = Worker(db_url, CONVERSATIONS, KEYRING, FAST)
     running = asyncio.create_task(worker.run())
     stop = asyncio.Event()
     seen: list[tuple[int, int]] = []
@@ -582,7 +583,7 @@ async def test_replay_under_load_swaps_in_tables_equal_to_the_incremental_ones(
 
     side = [asyncio.create_task(keep_appending()), asyncio.create_task(keep_reading())]
     await asyncio.sleep(0.2)
-    await replay(db_url, CONVERSATIONS, batch_size=50)
+    await replay(db_url, CONVERSATIONS, KEYRING, batch_size=50)
     await asyncio.sleep(0.2)
     stop.set()
     await asyncio.gather(*side)
@@ -630,7 +631,7 @@ async def test_replay_clears_a_failure_once_the_tables_can_be_rebuilt(
         raw_dsn,
         "UPDATE projection_checkpoints SET error = 'stopped by hand', failed_position = 1 WHERE name = 'conversations'",
     )
-    await replay(db_url, CONVERSATIONS)
+    await replay(db_url, CONVERSATIONS, KEYRING)
     conn = await asyncpg.connect(raw_dsn)
     try:
         assert (await projection_status(conn, ["conversations"]))["conversations"].status == "ok"
@@ -642,8 +643,8 @@ async def test_only_one_replay_runs_at_a_time(store: EventStore, db_url: str, ra
     for i in range(20):
         await conversation_with_messages(store, "alice", 5, f"c{i}")
     results = await asyncio.gather(
-        replay(db_url, CONVERSATIONS, batch_size=10),
-        replay(db_url, CONVERSATIONS, batch_size=10),
+        replay(db_url, CONVERSATIONS, KEYRING, batch_size=10),
+        replay(db_url, CONVERSATIONS, KEYRING, batch_size=10),
         return_exceptions=True,
     )
     assert sorted(type(r) is ReplayBusy for r in results) == [False, True], results
@@ -663,7 +664,7 @@ async def test_a_replay_that_fails_leaves_the_live_tables_and_no_shadow_tables(
         await conversation_with_messages(store, f"u{i}", 3, f"later{i}")
     before = await query(raw_dsn, "SELECT count(*) FROM messages")
     with pytest.raises(ProjectionError) as failed:
-        await replay(db_url, CONVERSATIONS, batch_size=7)
+        await replay(db_url, CONVERSATIONS, KEYRING, batch_size=7)
     assert failed.value.position == orphan.position
     assert await query(raw_dsn, "SELECT count(*) FROM messages") == before
     assert await query(raw_dsn, "SELECT 1 FROM pg_tables WHERE tablename LIKE '%\\_\\_%'") == []
@@ -728,7 +729,7 @@ async def test_a_worker_that_dies_of_a_defect_is_logged_shown_and_restarted(
 
     stream = uuid7()
     await store.append("alice", stream, [ConversationStarted(title="t")])
-    worker = Worker(db_url, _Flaky(bites=2), WorkerSettings(poll_interval=0.05))
+    worker = Worker(db_url, _Flaky(bites=2), KEYRING, WorkerSettings(poll_interval=0.05))
     task = asyncio.ensure_future(supervise(worker))
     try:
         deadline = time.monotonic() + 10

@@ -218,6 +218,26 @@ async def delete_conversation(
     return Response(None, status_code=204, headers={"Chatlog-Position": str(position)})
 
 
+@delete(
+    "/v1/me",
+    status_code=204,
+    summary="Erase everything of the caller",
+    responses=problems(),
+    response_headers=[
+        ResponseHeader(
+            name="Chatlog-Position",
+            description="the position of the erasure (for min_position)",
+            documentation_only=True,
+        )
+    ],
+)
+async def erase_me(state: State, user: User) -> Response[None]:
+    """Every conversation and message of the caller, and their idempotency keys, erased
+    (API.md, "Deleting is erasing"); the caller may start afresh."""
+    position = await commands.erase_user(state.store, user)
+    return Response(None, status_code=204, headers={"Chatlog-Position": str(position)})
+
+
 @post(
     "/v1/conversations/{conversation_id:str}/messages",
     status_code=201,
@@ -285,7 +305,7 @@ async def list_events(
             start = await queries.checkpoint_after(conn, user, after)
         else:
             start = Checkpoint()
-        page, next_after = await queries.list_events(conn, user, start, limit)
+        page, next_after = await queries.list_events(conn, state.store.keyring, user, start, limit)
     return page_of(state.cursors, "events", user, page, [next_after.tx_id, next_after.position] if next_after else None)
 
 
@@ -312,6 +332,7 @@ ROUTES = [
     get_conversation,
     update_conversation,
     delete_conversation,
+    erase_me,
     append_message,
     list_messages,
     list_events,
