@@ -53,7 +53,11 @@ from projections.replay import WRITERS, replay, verify
 from projections.worker import Worker, WorkerSettings
 from service.connections import connect_args
 from service.database import make_engine, migrate
+from service.sealing import Keyring
 from service.settings import Settings
+
+# The generated events are unsealed (as a log from before sealing reads); new ones would need it.
+KEYRING = Keyring([os.urandom(32)], source="the benchmark's master key")
 
 DB = "chatlog_bench_projection"
 PER_CONVERSATION = 100  # events per conversation
@@ -128,7 +132,7 @@ async def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     elif args.phase == "catch-up":
         head = await last_event(conn)
         settings = WorkerSettings(batch_size=args.worker_batch, poll_interval=0.05)
-        worker = Worker(args.url, projection, settings)
+        worker = Worker(args.url, projection, KEYRING, settings)
         task = asyncio.ensure_future(worker.run())
         query = "SELECT position FROM projection_checkpoints WHERE name = $1"
         seen, moved = None, time.perf_counter()
@@ -151,11 +155,11 @@ async def run_phase(args: argparse.Namespace) -> dict[str, Any]:
         def progress(applied: int, seconds: float) -> None:
             folded[0] = seconds
 
-        checkpoint = await replay(args.url, projection, batch_size=args.replay_batch, progress=progress)
+        checkpoint = await replay(args.url, projection, KEYRING, batch_size=args.replay_batch, progress=progress)
         assert checkpoint.position == await last_event(conn), checkpoint
         note = f"batch {args.replay_batch}, {WRITERS} folding connections; bulk fold {folded[0]:.1f} s"
     else:
-        differences = await verify(args.url, projection)
+        differences = await verify(args.url, projection, KEYRING)
         note = f"{len(differences)} differences"
     if args.phase != "catch-up":
         elapsed = time.perf_counter() - start

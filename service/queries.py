@@ -223,5 +223,5 @@ def _log_event(e: RecordedEvent) -> shapes.LogEvent:
         data=data,
         metadata=e.metadata,
         recorded_at=shapes.timestamp(e.recorded_at),
-        erased=e.erased,
+        erased=True if e.erased else msgspec.UNSET,
     )

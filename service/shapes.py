@@ -77,7 +77,9 @@ class LogEvent(msgspec.Struct, kw_only=True):
     data: dict[str, Any] | None  # None when erased
     metadata: dict[str, Any] | None  # None when erased
     recorded_at: Timestamp
-    erased: bool = False  # its content was erased (API.md, "Deleting is erasing")
+    # `true` on an erased event (API.md, "Deleting is erasing"); absent on the others, whose
+    # shape stays as the contract lists it
+    erased: bool | msgspec.UnsetType = msgspec.UNSET
 
 
 class Page(msgspec.Struct, Generic[T], kw_only=True):

@@ -108,11 +108,16 @@ class Served:
         return self.log.read_text(errors="replace")
 
 
-def serve(env: dict[str, str], port: int, log: Path) -> Served:
-    """Start `chatlog serve` and wait (60 s at most) until it answers /healthz."""
+def serve(env: dict[str, str], port: int, log: Path, cwd: Path | None = None) -> Served:
+    """Start `chatlog serve` (the code in `cwd`, default this checkout) and wait (60 s at most)
+    until it answers /healthz."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=out,
+            cwd=cwd,
         )
     served = Served(proc, port, log)
     deadline = time.monotonic() + 60

@@ -11,11 +11,13 @@ from typing import Any
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 from sqlalchemy.engine import make_url
 
 from tests.conftest import Databases
 from tests.fake_openai import FakeOpenAI
+from tests.keys import opened_events
 from tests.support import Api, assert_problem, auth, fake_model, new_user, serve_api
 
 
@@ -57,12 +59,8 @@ def sse(text: str) -> list[tuple[str, Any]]:
 async def stored(api: Api, user: str) -> list[tuple[str, dict[str, Any]]]:
     """The user's events straight from the log: (type, data) in log order."""
     dsn = make_url(api.db_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch("SELECT type, data FROM events WHERE user_id = $1 ORDER BY position", user)
-    finally:
-        await conn.close()
-    return [(r["type"], json.loads(r["data"])) for r in rows]
+    events = sorted((e for e in await opened_events(dsn) if e.user_id == user), key=lambda e: e.position)
+    return [(e.type, msgspec.to_builtins(e.event)) for e in events]
 
 
 def message_texts(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, str]]:

@@ -8,6 +8,7 @@ import sys
 import asyncpg
 
 from service.database import current_revision, downgrade, head_revision, make_engine, migrate
+from tests.keys import KEYRING
 
 TABLE_EXISTS = "SELECT to_regclass('events') IS NOT NULL"
 
@@ -16,7 +17,7 @@ async def test_upgrade_head_downgrade_base_and_upgrade_again(databases: object, 
     engine = make_engine(db_url, pool_size=1)
     try:
         assert await current_revision(engine) == head_revision()
-        await downgrade(engine, "base")
+        await downgrade(engine, "base", keyring=KEYRING)
         assert await current_revision(engine) is None
         conn = await asyncpg.connect(raw_dsn)
         try:
@@ -24,8 +25,8 @@ async def test_upgrade_head_downgrade_base_and_upgrade_again(databases: object, 
             assert await conn.fetchval("SELECT count(*) FROM pg_proc WHERE proname = 'events_reject_change'") == 0
         finally:
             await conn.close()
-        await migrate(engine)
-        await migrate(engine)  # idempotent
+        await migrate(engine, keyring=KEYRING)
+        await migrate(engine, keyring=KEYRING)  # idempotent
         assert await current_revision(engine) == head_revision()
     finally:
         await engine.dispose()

@@ -14,11 +14,17 @@ from service.events import ConversationStarted, MessageAppended
 from service.eventstore import EventStore
 from service.ids import uuid7
 from service.settings import Settings
+from tests.keys import MASTER_KEY
 
 
 def settings_for(db_url: str, tmp_path: Path) -> Settings:
     return Settings(
-        database_url=db_url, data_dir=tmp_path, projection_poll_interval=0.05, db_pool_size=4, run_workers=True
+        database_url=db_url,
+        data_dir=tmp_path,
+        master_key=MASTER_KEY,
+        projection_poll_interval=0.05,
+        db_pool_size=4,
+        run_workers=True,
     )
 
 

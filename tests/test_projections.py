@@ -192,9 +192,9 @@ async def test_migration_0005_reindexes_messages_with_angle_brackets_and_back(
     await catch_up(raw_dsn)
     engine = make_engine(db_url, pool_size=1)
     try:
-        await downgrade(engine, "0004_search_owner")
+        await downgrade(engine, "0004_search_owner", keyring=KEYRING)
         assert await matching(raw_dsn, "String") == [] and await matching(raw_dsn, "plain") == ["plain words"]
-        await migrate(engine)
+        await migrate(engine, keyring=KEYRING)
     finally:
         await engine.dispose()
     assert await matching(raw_dsn, "String") == [CODE]
@@ -242,11 +242,11 @@ async def test_migration_0004_gives_existing_vectors_their_owner_and_takes_it_ba
     await catch_up(raw_dsn)
     engine = make_engine(db_url, pool_size=1)
     try:
-        await downgrade(engine, "0003_message_search")
+        await downgrade(engine, "0003_message_search", keyring=KEYRING)
         assert [r[0] for r in await query(raw_dsn, "SELECT search::text FROM messages")] == [
             "'across':2 'kept':1 'the':3 'upgrade':4"
         ]
-        await migrate(engine)
+        await migrate(engine, keyring=KEYRING)
     finally:
         await engine.dispose()
     await assert_verified(db_url)  # the same vectors as a fresh fold makes
@@ -311,6 +311,7 @@ async def test_random_interleavings_with_a_running_worker_lose_and_double_nothin
                 count = rng.randint(0, 3)
                 await eventstore.append(
                     conn,
+                    KEYRING,
                     f"user{n}",
                     stream,
                     [ConversationStarted(title=f"{n}-{i}")] + [message() for _ in range(count)],

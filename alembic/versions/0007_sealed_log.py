@@ -128,7 +128,10 @@ def upgrade() -> None:
 
 
 def _keyring() -> Any:
-    keyring = context.config.attributes.get("keyring")
+    attributes = context.config.attributes
+    keyring = attributes.get("keyring")
+    if keyring is None and "connection" in attributes:
+        raise RuntimeError("this migration opens or seals events: it needs the master key (pass keyring=)")
     if keyring is None:  # the plain `alembic` command: the key from the environment
         from service.sealing import Keyring
         from service.settings import Settings
