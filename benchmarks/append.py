@@ -20,7 +20,7 @@ hits both alike, and the median round is reported.
   ratio is judged against this one.
 - raw-tx: the same INSERT written as it usually is, `async with conn.transaction()` around it
   (BEGIN, INSERT, COMMIT: three round trips), for reference.
-- store-sql: the store's own statement (`_APPEND_ONE_AT`, what it sends once it knows a stream's
+- store-sql: the store's own statement (`_APPEND_PLAIN`, what it sends once it knows a stream's
   head), sent like the raw loop's: each task on its connection, no validation, no pool. Between
   raw and store-sql lies what the statement costs; between store-sql and store, the store's Python.
 
@@ -53,7 +53,7 @@ from benchmarks.common import libpq, machine_cpu_seconds, server_url
 from service.connections import ConnectionPool
 from service.database import make_engine, migrate
 from service.events import MessageAppended
-from service.eventstore import _APPEND, EventStore, seal_event
+from service.eventstore import _APPEND_PLAIN, EventStore, seal_event
 from service.ids import uuid7
 from service.sealing import Keyring
 
@@ -111,10 +111,13 @@ async def main() -> None:
     await engine.dispose()
     in_flight = int(os.environ.get("CHATLOG_GROUP_COMMIT_BATCHES", "2"))
     keyring = Keyring([os.urandom(32)], source="the benchmark's master key")
-    store = EventStore(ConnectionPool(url, size=top), keyring, batches_in_flight=in_flight)
-    solo = EventStore(ConnectionPool(url, size=top), keyring, group_commit=False)
+    store = EventStore(ConnectionPool.for_appends(url, size=top), keyring, batches_in_flight=in_flight)
+    solo = EventStore(ConnectionPool.for_appends(url, size=top), keyring, group_commit=False)
     # The raw loop's best case: each task keeps a connection of its own (no pool in between).
-    raw_conns = [await asyncpg.connect(libpq(url)) for _ in range(top)]
+    # Generic plans, as the store's connections use (ConnectionPool.for_appends), for its statement
+    # sent the raw way (store-sql); the raw INSERT plans in no time either way.
+    generic = {"plan_cache_mode": "force_generic_plan"}
+    raw_conns = [await asyncpg.connect(libpq(url), server_settings=generic) for _ in range(top)]
     version = await raw_conns[0].fetchval("SHOW server_version")
     sync_commit = await raw_conns[0].fetchval("SHOW synchronous_commit")
     print(
@@ -167,8 +170,8 @@ async def main() -> None:
 
     async def store_sql_op(task: int, i: int) -> None:
         await raw_conns[task].fetch(
-            _APPEND, [uuid7()], [stream(task)], [f"user{task}"], ["message.appended"], [clear], [sealed], [metadata],
-            [1], [i], [None], [False], [None], [None], [None], [None], [1],
+            _APPEND_PLAIN, [uuid7()], [stream(task)], [f"user{task}"], ["message.appended"], [clear], [sealed],
+            [metadata], [1], [i], [None], [False],
         )  # fmt: skip
 
     metadata = '{"schema_version": 1}'

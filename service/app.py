@@ -137,7 +137,8 @@ def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pool = ConnectionPool(url, size=settings.db_pool_size)
-        store = EventStore(pool, keyring, group_commit=settings.group_commit)
+        appends = ConnectionPool.for_appends(url, size=max(4, settings.db_pool_size // 2))
+        store = EventStore(appends, keyring, group_commit=settings.group_commit)
         collector.store = store
         app.state.pool, app.state.store = pool, store
         app.state.chat = Chat(settings, store, app.state.heads, make_assistant(settings))
@@ -153,6 +154,7 @@ def create_app(settings: Settings) -> Litestar:
                 await asyncio.gather(task, return_exceptions=True)
             await app.state.chat.aclose()
             await store.aclose()
+            await appends.close()
             await pool.close()
 
     app = Litestar(

@@ -51,6 +51,14 @@ def connect_args(url: str) -> dict[str, Any]:
 
 
 class ConnectionPool:
+    @classmethod
+    def for_appends(cls, url: str, *, size: int) -> ConnectionPool:
+        """Connections for the event store: its append statement (several data-modifying CTEs,
+        arrays of unknown length) costs PostgreSQL's planner about 0.2 ms a time under the
+        default custom plans, more than the insert itself, and its generic plan is as good for
+        every call (measured: 0.36 against 0.58 ms a statement). Reads keep the default."""
+        return cls(url, size=size, plan_cache_mode="force_generic_plan")
+
     def __init__(self, url: str, *, size: int = 20, **server_settings: str) -> None:
         self._connect_args = connect_args(url)
         self._server_settings = {

@@ -143,41 +143,62 @@ _HEAD = "SELECT stream_version, user_id, tx_id FROM events WHERE stream_id = $1 
 # append may not come from a transaction older than the one that wrote the stream's head. Only
 # an explicit transaction that took its id before that head was written can be; an append in
 # its own transaction always has the newest id.
-_APPEND = """
-WITH e AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[],
-                         $8::integer[], $9::integer[], $10::integer[], $11::boolean[], $12::bytea[], $13::bytea[],
-                         $14::bytea[], $15::text[], $16::integer[])
-        AS e(event_id, stream_id, user_id, type, data, sealed, metadata, ord, at, expected, new_stream,
-             key_digest, fingerprint, wrapped, master_id, events)
-), ins AS (
-    INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, sealed, metadata)
-    SELECT e.event_id, e.stream_id, coalesce(e.at, head.stream_version, 0) + e.ord, e.user_id, e.type,
-           e.data::jsonb, e.sealed, e.metadata::jsonb
-    FROM e
-    LEFT JOIN LATERAL (
-        SELECT stream_version, user_id, tx_id FROM events
-        WHERE stream_id = e.stream_id AND e.at IS NULL
-        ORDER BY stream_version DESC LIMIT 1
-    ) AS head ON true
-    WHERE coalesce(head.user_id, e.user_id) = e.user_id
-      AND (e.expected IS NULL OR coalesce(e.at, head.stream_version, 0) = e.expected)
-      AND (NOT e.new_stream OR coalesce(e.at, head.stream_version, 0) = 0)
-      AND (head.tx_id IS NULL OR head.tx_id < chatlog_xact_id())
-      AND (e.key_digest IS NULL OR NOT EXISTS (
-          SELECT FROM idempotency_keys AS used WHERE used.user_id = e.user_id AND used.key_digest = e.key_digest))
-    ORDER BY e.stream_id, e.ord
-    RETURNING event_id, stream_id, user_id, position, stream_version, recorded_at
-), new_keys AS (
+_INSERT = """
+INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, sealed, metadata)
+SELECT e.event_id, e.stream_id, coalesce(e.at, head.stream_version, 0) + e.ord, e.user_id, e.type,
+       e.data::jsonb, e.sealed, e.metadata::jsonb
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[],
+            $8::integer[], $9::integer[], $10::integer[], $11::boolean[]{digest_array})
+     AS e(event_id, stream_id, user_id, type, data, sealed, metadata, ord, at, expected, new_stream{digest_column})
+LEFT JOIN LATERAL (
+    SELECT stream_version, user_id, tx_id FROM events
+    WHERE stream_id = e.stream_id AND e.at IS NULL
+    ORDER BY stream_version DESC LIMIT 1
+) AS head ON true
+WHERE coalesce(head.user_id, e.user_id) = e.user_id
+  AND (e.expected IS NULL OR coalesce(e.at, head.stream_version, 0) = e.expected)
+  AND (NOT e.new_stream OR coalesce(e.at, head.stream_version, 0) = 0)
+  AND (head.tx_id IS NULL OR head.tx_id < chatlog_xact_id()){digest_check}
+ORDER BY e.stream_id, e.ord
+RETURNING event_id, stream_id, user_id, position, stream_version, recorded_at
+"""
+
+# The common case, a batch of messages to existing streams with no idempotency key: the insert alone.
+_APPEND_PLAIN = _INSERT.format(digest_array="", digest_column="", digest_check="").replace(
+    "RETURNING event_id, stream_id, user_id, position", "RETURNING event_id, position"
+)
+_APPEND = f"""
+WITH ins AS ({
+    _INSERT.format(
+        digest_array=", $12::bytea[]",
+        digest_column=", key_digest",
+        digest_check='''
+  AND (e.key_digest IS NULL OR NOT EXISTS (
+      SELECT FROM idempotency_keys AS used WHERE used.user_id = e.user_id AND used.key_digest = e.key_digest))''',
+    )
+}), new_keys AS (
     INSERT INTO data_keys (stream_id, user_id, wrapped, master_id)
-    SELECT ins.stream_id, ins.user_id, e.wrapped, e.master_id FROM ins JOIN e USING (event_id) WHERE e.wrapped IS NOT NULL
+    SELECT ins.stream_id, ins.user_id, k.wrapped, k.master_id
+    FROM ins JOIN unnest($1::uuid[], $14::bytea[], $15::text[]) AS k(event_id, wrapped, master_id) USING (event_id)
+    WHERE k.wrapped IS NOT NULL
 ), new_idempotency AS (
     INSERT INTO idempotency_keys (user_id, key_digest, fingerprint, stream_id, first_version, event_count)
-    SELECT ins.user_id, e.key_digest, e.fingerprint, ins.stream_id, ins.stream_version, e.events
-    FROM ins JOIN e USING (event_id) WHERE e.key_digest IS NOT NULL AND e.ord = 1
+    SELECT ins.user_id, k.key_digest, k.fingerprint, ins.stream_id, ins.stream_version, k.events
+    FROM ins JOIN unnest($1::uuid[], $12::bytea[], $13::bytea[], $16::integer[])
+                  AS k(event_id, key_digest, fingerprint, events) USING (event_id)
+    WHERE k.fingerprint IS NOT NULL
 )
 SELECT event_id, position, stream_version, recorded_at FROM ins
 """
+
+
+def _statement(columns: list[list[Any]]) -> tuple[str, list[list[Any]]]:
+    """The statement for `_columns`' arguments: the plain insert when no command starts a stream
+    or carries an idempotency key (nothing to write beside the events)."""
+    if any(columns[11]) or any(columns[13]):
+        return _APPEND, columns
+    return _APPEND_PLAIN, columns[:11]
+
 
 _EXISTS = "SELECT EXISTS (SELECT FROM events WHERE stream_id = $1)"
 
@@ -478,13 +499,13 @@ async def append_prepared(
                 _check_head(stream_id, user_id, expected_version, owner, version, exact=False)
             if expected_version is None or expected_version == version:
                 at = version
-        args = _columns([(prepared, at)])
+        statement, args = _statement(_columns([(prepared, at)]))
         try:
             if in_transaction:
                 async with conn.transaction():  # a savepoint, so that a lost race can be retried
-                    rows = await conn.fetch(_APPEND, *args)
+                    rows = await conn.fetch(statement, *args)
             else:
-                rows = await conn.fetch(_APPEND, *args)
+                rows = await conn.fetch(statement, *args)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "idempotency_keys_pkey":
                 assert idempotency_key is not None and fingerprint is not None
@@ -867,7 +888,8 @@ class GroupCommit:
         inserted: dict[uuid.UUID, Any] = {}
         try:
             async with self.store.pool.acquire() as conn:
-                inserted = {row[0]: row for row in await conn.fetch(_APPEND, *columns)}
+                statement, args = _statement(columns)
+                inserted = {row[0]: row for row in await conn.fetch(statement, *args)}
         except DATABASE_UNAVAILABLE:
             # The connection was lost (or the database went away) mid-batch: committed or not is
             # unknown. Each command looks for its own events (their ids were chosen before the
