@@ -37,3 +37,9 @@ class Projection(Protocol):
     async def apply(
         self, conn: asyncpg.Connection, events: Sequence[RecordedEvent], names: Mapping[str, str]
     ) -> None: ...
+
+    async def erase(self, conn: asyncpg.Connection, names: Mapping[str, str]) -> None:
+        """Remove the rows of every conversation in the erasure ledger. An erasure removes them from
+        the live tables in its own transaction, before the projection reaches its events; replay
+        and verify call this on their fresh fold, so that it agrees with the live tables."""
+        ...

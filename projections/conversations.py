@@ -105,6 +105,9 @@ class ConversationsProjection:
         if kept:
             await conn.execute(_insert_messages(messages), *map(list, zip(*kept, strict=True)), self.search_config)
 
+    async def erase(self, conn: asyncpg.Connection, names: Mapping[str, str]) -> None:
+        await erase_rows(conn, names, None)
+
     async def _deleted_before(
         self,
         conn: asyncpg.Connection,
@@ -125,6 +128,20 @@ class ConversationsProjection:
             first.position,
         )
         return {r[0] for r in rows}
+
+
+async def erase_rows(
+    conn: asyncpg.Connection, names: Mapping[str, str], stream_ids: Sequence[uuid.UUID] | None
+) -> None:
+    """Delete the rows (search vectors with them) of these conversations, or, for None, of every
+    conversation in the erasure ledger."""
+    messages, conversations = names["messages"], names["conversations"]
+    if stream_ids is None:
+        await conn.execute(f"DELETE FROM {messages} WHERE conversation_id IN (SELECT stream_id FROM erasures)")
+        await conn.execute(f"DELETE FROM {conversations} WHERE id IN (SELECT stream_id FROM erasures)")
+    else:
+        await conn.execute(f"DELETE FROM {messages} WHERE conversation_id = ANY($1::uuid[])", list(stream_ids))
+        await conn.execute(f"DELETE FROM {conversations} WHERE id = ANY($1::uuid[])", list(stream_ids))
 
 
 _UNCHANGED: Final = object()

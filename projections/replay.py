@@ -303,6 +303,7 @@ async def replay(
                     checkpoint = await _fold_rest(
                         main, keyring, projection, shadow.names, checkpoint, until=None, batch_size=batch_size
                     )
+                    await projection.erase(main, shadow.names)  # erasures whose events are still ahead
                     await _swap(main, projection, shadow.names)
                     await main.execute(
                         "UPDATE projection_checkpoints SET tx_id = $2::xid8, position = $3, updated_at = now(), "
@@ -394,6 +395,7 @@ async def verify(
                 async with main.transaction():
                     live = await _locked_checkpoint(main, projection.name)
                     await _fold_rest(main, keyring, projection, names, done, until=live, batch_size=batch_size)
+                    await projection.erase(main, names)  # as the live tables: erased at once
                     return await _differences(main, projection, names, limit)
             finally:
                 await _drop_shadow(main, projection, VERIFY)

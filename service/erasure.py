@@ -21,6 +21,7 @@ from typing import Final
 import asyncpg
 import msgspec
 
+from projections.conversations import erase_rows
 from service.events import ConversationDeleted
 from service.eventstore import NotFound, VersionConflict, append_prepared, prepare
 
@@ -105,8 +106,7 @@ async def _erase(conn: asyncpg.Connection, user_id: str, streams: Sequence[tuple
     ids = [stream_id for stream_id, _ in streams]
     await conn.execute("DELETE FROM data_keys WHERE stream_id = ANY($1::uuid[])", ids)
     await conn.execute("DELETE FROM idempotency_keys WHERE stream_id = ANY($1::uuid[])", ids)
-    await conn.execute("DELETE FROM messages WHERE conversation_id = ANY($1::uuid[])", ids)
-    await conn.execute("DELETE FROM conversations WHERE id = ANY($1::uuid[])", ids)
+    await erase_rows(conn, {"messages": "messages", "conversations": "conversations"}, ids)
     await conn.execute(
         "INSERT INTO erasures (user_id, stream_id, position) SELECT $1, * FROM unnest($2::uuid[], $3::bigint[])",
         user_id,
