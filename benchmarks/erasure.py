@@ -12,15 +12,19 @@ starts, whose in-process worker projects it before anything is measured. Targets
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, this folder would shadow the standard library's `http` (benchmarks/http.py).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import asyncio
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -30,13 +34,13 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import libpq, server_url  # noqa: E402
-from service.connections import ConnectionPool  # noqa: E402
-from service.database import make_engine, migrate  # noqa: E402
-from service.events import ConversationStarted, MessageAppended  # noqa: E402
-from service.eventstore import EventStore  # noqa: E402
-from service.ids import uuid7  # noqa: E402
-from service.sealing import Keyring, new_master_key, parse_master_keys  # noqa: E402
+from benchmarks.common import libpq, server_url
+from service.connections import ConnectionPool
+from service.database import make_engine, migrate
+from service.events import ConversationStarted, MessageAppended
+from service.eventstore import EventStore
+from service.ids import uuid7
+from service.sealing import Keyring, new_master_key, parse_master_keys
 
 DB = "chatlog_bench_erasure"
 SECRET = "erasure-benchmark-secret-" + "0123456789abcdef" * 3
@@ -72,7 +76,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=50)
     parser.add_argument("--messages", type=int, default=200, help="per conversation")
-    parser.add_argument("--baseline", type=float, default=5.0, help="seconds of reads before the erasure")
+    parser.add_argument("--baseline", type=float, default=5.0, help="seconds of reads before the erasures")
+    parser.add_argument("--victims", type=int, default=5, help="users erased one after another")
     args = parser.parse_args()
 
     server = server_url()
@@ -88,12 +93,14 @@ async def main() -> None:
     await engine.dispose()
     store = EventStore(ConnectionPool.for_appends(url, size=32), keyring)
     started = time.monotonic()
-    await fill(store, VICTIM, args.conversations, args.messages)
+    for v in range(args.victims):
+        await fill(store, f"{VICTIM}-{v}", args.conversations, args.messages)
     readable = await fill(store, READER, 20, 100)
     await store.aclose()
     await store.pool.close()
     total = args.conversations * args.messages
-    print(f"wrote {total:,} messages of {VICTIM} in {args.conversations} conversations, 2,000 of {READER}, "
+    print(f"wrote {total:,} messages for each of {args.victims} users in {args.conversations} conversations, "
+          f"2,000 of {READER}, "
           f"in {time.monotonic() - started:.0f} s")  # fmt: skip
 
     port = 8731
@@ -116,8 +123,8 @@ async def main() -> None:
                 except httpx.TransportError:
                     pass
                 await asyncio.sleep(0.5)
-            victim = {"Authorization": f"Bearer {token(VICTIM)}"}
-            listed = await client.get("/v1/conversations", params={"limit": 100}, headers=victim)
+            victims = [{"Authorization": f"Bearer {token(f'{VICTIM}-{v}')}"} for v in range(args.victims)]
+            listed = await client.get("/v1/conversations", params={"limit": 100}, headers=victims[0])
             assert len(listed.json()["data"]) == args.conversations
             reader = {"Authorization": f"Bearer {token(READER)}"}
             samples: list[tuple[float, float]] = []  # (when it started, ms)
@@ -136,15 +143,17 @@ async def main() -> None:
 
             reading = asyncio.ensure_future(read())
             await asyncio.sleep(args.baseline)
-            erase_began = time.perf_counter()
-            r = await client.delete("/v1/me", headers=victim)
-            erase_ended = time.perf_counter()
-            assert r.status_code == 204, r.text
-            await asyncio.sleep(1.0)
+            windows: list[tuple[float, float]] = []
+            for victim in victims:
+                began = time.perf_counter()
+                r = await client.delete("/v1/me", headers=victim)
+                windows.append((began, time.perf_counter()))
+                assert r.status_code == 204, r.text
+                after = await client.get("/v1/conversations", headers=victim)
+                assert after.json()["data"] == []
+                await asyncio.sleep(0.5)
             stop.set()
             await reading
-            after = await client.get("/v1/conversations", headers=victim)
-            assert after.json()["data"] == []
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -152,12 +161,13 @@ async def main() -> None:
     def p(values: list[float], q: int) -> float:
         return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else float("nan")
 
-    before = [ms for at, ms in samples if at < erase_began]
-    during = [ms for at, ms in samples if erase_began <= at <= erase_ended]
-    print(f"DELETE /v1/me of {total:,} messages in {args.conversations} conversations: "
-          f"{(erase_ended - erase_began) * 1000:.0f} ms (target <= 2000 ms)")  # fmt: skip
+    before = [ms for at, ms in samples if at < windows[0][0]]
+    during = [ms for at, ms in samples if any(start <= at <= end for start, end in windows)]
+    took = sorted((end - start) * 1000 for start, end in windows)
+    print(f"DELETE /v1/me of {total:,} messages in {args.conversations} conversations, {len(took)} users: "
+          f"median {statistics.median(took):.0f} ms, slowest {took[-1]:.0f} ms (target <= 2000 ms)")  # fmt: skip
     print(f"{READER}'s history page reads: before p50 {p(before, 50):.2f} ms, p99 {p(before, 99):.2f} ms "
-          f"({len(before)} reads); during the erasure p50 {p(during, 50):.2f} ms, "
+          f"({len(before)} reads); while an erasure ran p50 {p(during, 50):.2f} ms, p99 {p(during, 99):.2f} ms, "
           f"max {max(during, default=float('nan')):.2f} ms ({len(during)} reads)")  # fmt: skip
 
 

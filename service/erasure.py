@@ -23,7 +23,7 @@ import msgspec
 
 from projections.conversations import erase_rows
 from service.events import ConversationDeleted
-from service.eventstore import NotFound, VersionConflict, append_prepared, prepare
+from service.eventstore import NotFound, VersionConflict, append_all, append_prepared, prepare
 
 MAX_RETRIES: Final = 50
 
@@ -99,10 +99,18 @@ async def erase_user(conn: asyncpg.Connection, user_id: str) -> int:
 async def _erase(conn: asyncpg.Connection, user_id: str, streams: Sequence[tuple[uuid.UUID, int]]) -> list[int]:
     """In the caller's transaction, with the streams' keys locked: the deletion events, then
     every trace of the streams' content."""
-    positions = []
-    for stream_id, version in streams:
+    if len(streams) == 1:
+        stream_id, version = streams[0]
         deletion = prepare(user_id, stream_id, [ConversationDeleted()], data_key=None, expected_version=version)
-        positions.append((await append_prepared(conn, deletion)).position)
+        positions = [(await append_prepared(conn, deletion)).position]
+    else:  # all the deletions in one statement, each at the version just read
+        positions = await append_all(
+            conn,
+            [
+                prepare(user_id, stream_id, [ConversationDeleted()], data_key=None, expected_version=version)
+                for stream_id, version in streams
+            ],
+        )
     ids = [stream_id for stream_id, _ in streams]
     await conn.execute("DELETE FROM data_keys WHERE stream_id = ANY($1::uuid[])", ids)
     await conn.execute("DELETE FROM idempotency_keys WHERE stream_id = ANY($1::uuid[])", ids)

@@ -560,6 +560,23 @@ async def append_prepared(
     raise RuntimeError(f"append to stream {stream_id} lost {MAX_APPEND_ATTEMPTS} races in a row")
 
 
+async def append_all(conn: asyncpg.Connection, commands: Sequence[Prepared]) -> list[int]:
+    """Commands with expected versions, to streams of their own, as one statement in the caller's
+    transaction: all land, or VersionConflict (a stream moved on) and none does. The positions of
+    their last events."""
+    if not commands:
+        return []
+    statement, args = _statement(_columns([(p, p.expected_version) for p in commands]))
+    try:
+        rows = await conn.fetch(statement, *args)
+    except asyncpg.UniqueViolationError:
+        raise VersionConflict(-1, -1) from None  # a stream moved on (and the transaction is lost)
+    if len(rows) != sum(len(p.event_ids) for p in commands):
+        raise VersionConflict(-1, -1)
+    last = {row[0]: row[1] for row in rows}
+    return [last[p.event_ids[-1]] for p in commands]
+
+
 async def landed_before(conn: asyncpg.Connection, prepared: Prepared) -> Appended | None:
     """The command's events, if an earlier try of it committed them (a command lands whole or not at all)."""
     rows = await conn.fetch(_BY_EVENT_IDS, list(prepared.event_ids))
