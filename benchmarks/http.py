@@ -279,7 +279,7 @@ async def wait_caught_up(base: str) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="append rounds (0: the history only)")
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--skip-history", action="store_true")
     parser.add_argument(
@@ -391,47 +391,51 @@ async def main() -> None:
                     singles.setdefault(name, []).append(single)
                     stop(chatlog)
                     chatlog = None
-        rps = {name: statistics.median(r["rps"] for r in rs) for name, rs in results.items()}
-        errors = sum(r["errors"] for rs in results.values() for r in rs)
-        print(f"\nappend, concurrency 32 (medians of {args.rounds} rounds; non-2xx answers: {errors:.0f}):")
-        for server in servers:
-            c, n = rps[f"chatlog {server}"], rps[f"naive {server}"]
-            # Each round measures the two back to back, so their ratio is the least disturbed by
-            # whatever else the machine does; the median of those is printed beside the other.
-            pairs = zip(results[f"chatlog {server}"], results[f"naive {server}"], strict=True)
-            paired = statistics.median(ours["rps"] / theirs["rps"] for ours, theirs in pairs)
-            mark = "  <- chatlog serve" if server == SERVED else ""
-            print(f"  {server:>8}: chatlog {c:,.0f} req/s, naive {n:,.0f} req/s, ratio {c / n:.2f}, "
-                  f"median of the rounds' ratios {paired:.2f} (target >= 1.2){mark}")  # fmt: skip
-            if lags.get(server):
-                samples = lags[server]
-                lag_p99 = statistics.quantiles(samples, n=100)[98] if len(samples) > 1 else float("nan")
-                print(f"  {'':>8}  projection lag under that load, as a reader meets it: p50 "
-                      f"{statistics.median(samples):.1f} ms, p99 {lag_p99:.1f} ms over {len(samples)} probes "
-                      f"(aim <= 25 ms)")  # fmt: skip
-        if singles:
-            on = statistics.median(r["p99_ms"] for r in singles["chatlog 1"])
-            off = statistics.median(r["p99_ms"] for r in singles["chatlog 1, group commit off"])
-            print(
-                f"  concurrency 1 ({SERVED}): p99 {on:.2f} ms with group commit, {off:.2f} ms without: "
-                f"{on / off:.2f} x (target <= 1.1 x); req/s "
-                + ", ".join(f"{n}: {statistics.median(r['rps'] for r in rs):,.0f}" for n, rs in singles.items())
-            )
-        if len(servers) > 1:
-            best = max(servers, key=lambda server: rps[f"naive {server}"])
-            print(f"  chatlog serve ({SERVED}) against the faster naive ({best}): "
-                  f"ratio {rps[f'chatlog {SERVED}'] / rps[f'naive {best}']:.2f}")  # fmt: skip
-        for name, rs in results.items():
-            print(
-                f"  {name:>16} rounds: " + ", ".join(f"{r['rps']:,.0f} (p99 {r.get('p99_ms', 0):.1f} ms)" for r in rs)
-            )
-        if all("rest_us" in r for rs in results.values() for r in rs):
-            print("  CPU per request, microseconds (medians of the rounds; rest: PostgreSQL, when nothing else runs):")
+        if results:  # --rounds 0: the history only
+            rps = {name: statistics.median(r["rps"] for r in rs) for name, rs in results.items()}
+            errors = sum(r["errors"] for rs in results.values() for r in rs)
+            print(f"\nappend, concurrency 32 (medians of {args.rounds} rounds; non-2xx answers: {errors:.0f}):")
+            for server in servers:
+                c, n = rps[f"chatlog {server}"], rps[f"naive {server}"]
+                # Each round measures the two back to back, so their ratio is the least disturbed by
+                # whatever else the machine does; the median of those is printed beside the other.
+                pairs = zip(results[f"chatlog {server}"], results[f"naive {server}"], strict=True)
+                paired = statistics.median(ours["rps"] / theirs["rps"] for ours, theirs in pairs)
+                mark = "  <- chatlog serve" if server == SERVED else ""
+                print(f"  {server:>8}: chatlog {c:,.0f} req/s, naive {n:,.0f} req/s, ratio {c / n:.2f}, "
+                      f"median of the rounds' ratios {paired:.2f} (target >= 1.2){mark}")  # fmt: skip
+                if lags.get(server):
+                    samples = lags[server]
+                    lag_p99 = statistics.quantiles(samples, n=100)[98] if len(samples) > 1 else float("nan")
+                    print(f"  {'':>8}  projection lag under that load, as a reader meets it: p50 "
+                          f"{statistics.median(samples):.1f} ms, p99 {lag_p99:.1f} ms over {len(samples)} probes "
+                          f"(aim <= 25 ms)")  # fmt: skip
+            if singles:
+                on = statistics.median(r["p99_ms"] for r in singles["chatlog 1"])
+                off = statistics.median(r["p99_ms"] for r in singles["chatlog 1, group commit off"])
+                print(
+                    f"  concurrency 1 ({SERVED}): p99 {on:.2f} ms with group commit, {off:.2f} ms without: "
+                    f"{on / off:.2f} x (target <= 1.1 x); req/s "
+                    + ", ".join(f"{n}: {statistics.median(r['rps'] for r in rs):,.0f}" for n, rs in singles.items())
+                )
+            if len(servers) > 1:
+                best = max(servers, key=lambda server: rps[f"naive {server}"])
+                print(f"  chatlog serve ({SERVED}) against the faster naive ({best}): "
+                      f"ratio {rps[f'chatlog {SERVED}'] / rps[f'naive {best}']:.2f}")  # fmt: skip
             for name, rs in results.items():
-                parts = [p for p in ("server", "projector", "wrk", "rest") if f"{p}_us" in rs[0]]
-                cpu = {p: statistics.median(r[f"{p}_us"] for r in rs) for p in parts}
-                shares = ", ".join(f"{p} {us:.0f}" for p, us in cpu.items())
-                print(f"  {name:>16}: {shares}, total {sum(cpu.values()):.0f}")
+                print(
+                    f"  {name:>16} rounds: "
+                    + ", ".join(f"{r['rps']:,.0f} (p99 {r.get('p99_ms', 0):.1f} ms)" for r in rs)
+                )
+            if all("rest_us" in r for rs in results.values() for r in rs):
+                print(
+                    "  CPU per request, microseconds (medians of the rounds; rest: PostgreSQL, when nothing else runs):"
+                )
+                for name, rs in results.items():
+                    parts = [p for p in ("server", "projector", "wrk", "rest") if f"{p}_us" in rs[0]]
+                    cpu = {p: statistics.median(r[f"{p}_us"] for r in rs) for p in parts}
+                    shares = ", ".join(f"{p} {us:.0f}" for p, us in cpu.items())
+                    print(f"  {name:>16}: {shares}, total {sum(cpu.values()):.0f}")
 
         if not args.skip_history:
             chatlog = serve(SERVED)
@@ -441,7 +445,9 @@ async def main() -> None:
             print(f"projection caught up in {await wait_caught_up(base):.0f} s")
             reader = {"Authorization": f"Bearer {token('bench-0')}"}
             pages = rotating("GET", [f"/v1/conversations/{i}/messages?limit=50" for i in conversations], reader)
-            rounds = [wrk(base, pages, connections=1, threads=1, seconds=args.seconds) for _ in range(args.rounds)]
+            rounds = [
+                wrk(base, pages, connections=1, threads=1, seconds=args.seconds) for _ in range(max(args.rounds, 2))
+            ]
             p50 = statistics.median(r["p50_ms"] for r in rounds)
             p99 = statistics.median(r["p99_ms"] for r in rounds)
             print(f"history page (50 messages), concurrency 1: p50 {p50:.2f} ms, p99 {p99:.2f} ms "

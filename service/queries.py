@@ -160,19 +160,30 @@ async def list_messages(
     descending: bool,
     after: list[Any] | None,
 ) -> tuple[list[shapes.Message], list[Any] | None]:
-    await get_conversation(conn, user_id, conversation_id)  # 404 unless it is the user's, and live
     last_seq = _int_keyset(after) if after is not None else (2_147_483_647 if descending else 0)
-    cmp, order = ("seq < $3", "seq DESC") if descending else ("seq > $3", "seq ASC")
+    # The conversation (404 unless it is the user's, and live) and the page in one round trip: no
+    # row, no conversation; one row of nulls, no message on this page.
     rows = await conn.fetch(
-        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND user_id = $2 AND {cmp} "
-        f"ORDER BY {order} LIMIT $4",
-        conversation_id,
-        user_id,
-        last_seq,
-        limit + 1,
+        _MESSAGES_DESC if descending else _MESSAGES_ASC, conversation_id, user_id, last_seq, limit + 1
     )
+    if not rows:
+        raise NotFound(str(conversation_id))
+    if rows[0][0] is None:
+        rows = []
     page = [message_from_row(r) for r in rows[:limit]]
     return page, ([rows[limit - 1][2]] if len(rows) > limit else None)
+
+
+_MESSAGES = f"""
+SELECT m.* FROM conversations AS c
+LEFT JOIN LATERAL (
+    SELECT {_MESSAGE_COLUMNS} FROM messages
+    WHERE conversation_id = c.id AND {{cmp}} ORDER BY {{order}} LIMIT $4
+) AS m ON true
+WHERE c.id = $1 AND c.user_id = $2
+"""
+_MESSAGES_ASC: Final = _MESSAGES.format(cmp="seq > $3", order="seq ASC")
+_MESSAGES_DESC: Final = _MESSAGES.format(cmp="seq < $3", order="seq DESC")
 
 
 def _int_keyset(after: list[Any]) -> int:
