@@ -303,7 +303,6 @@ async def replay(
                     checkpoint = await _fold_rest(
                         main, keyring, projection, shadow.names, checkpoint, until=None, batch_size=batch_size
                     )
-                    await projection.erase(main, shadow.names)  # erasures whose events are still ahead
                     await _swap(main, projection, shadow.names)
                     await main.execute(
                         "UPDATE projection_checkpoints SET tx_id = $2::xid8, position = $3, updated_at = now(), "
@@ -343,6 +342,10 @@ async def _swap(conn: asyncpg.Connection, projection: Projection, names: dict[st
     """Put the shadow tables in the live ones' place, under the live names, in the caller's transaction."""
     tables = projection.tables
     await conn.execute(f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")
+    # An erasure removes its rows from the live tables at once, before its events are folded:
+    # with the live tables locked, every erasure that touched them has committed (or waits), so
+    # the ledger read now names them all.
+    await projection.erase(conn, names)
     live_indexes = {t: await _indexes(conn, t) for t in tables}
     live_fks = {t: await _foreign_keys(conn, t) for t in tables}
     for table in reversed(tables):

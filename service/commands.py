@@ -133,8 +133,10 @@ def conversation_view(
 def message_view(
     event: Event | None, conversation_id: uuid.UUID, position: int, recorded_at: datetime
 ) -> shapes.Message:
-    """The message a `message.appended` event recorded, at the position it was stored."""
-    assert isinstance(event, MessageAppended) and event.seq is not None
+    """The message a `message.appended` event recorded, at the position it was stored (NotFound
+    when it was erased since: its conversation was deleted meanwhile)."""
+    if not isinstance(event, MessageAppended) or event.seq is None:
+        raise NotFound(str(conversation_id))
     return shapes.Message(
         id=event.message_id,
         conversation_id=conversation_id,
@@ -176,7 +178,8 @@ async def create_conversation(
         replay = result, await _stored(store, user_id, result)
     result, events = replay
     state = fold_stream(events)
-    assert state is not None
+    if state is None:  # erased since (deleted meanwhile)
+        raise NotFound(str(result.stream_id))
     return conversation_view(state, result.position), result.replayed
 
 
@@ -290,7 +293,10 @@ async def delete_conversation(
 
 async def erase_user(store: EventStore, user_id: str) -> int:
     """Erase everything of the user (DELETE /v1/me); the position of the erasure."""
+    erased: list[uuid.UUID] = []
     async with store.pool.acquire() as conn:
-        position = await erasure.erase_user(conn, user_id)
+        position = await erasure.erase_user(conn, user_id, erased)
+    for stream_id in erased:
+        store.forget(stream_id)
     store.appended(1)
     return position

@@ -23,9 +23,25 @@ import msgspec
 
 from projections.conversations import erase_rows
 from service.events import ConversationDeleted
-from service.eventstore import NotFound, VersionConflict, append_all, append_prepared, prepare
+from service.eventstore import (
+    NotFound,
+    StaleTransaction,
+    VersionConflict,
+    append_all,
+    append_prepared,
+    prepare,
+)
 
 MAX_RETRIES: Final = 50
+
+
+class _Moved(Exception):
+    """The stream moved on between reading its head and appending its deletion."""
+
+
+# What a fresh transaction can get past: a stream that moved on, an append by a newer transaction
+# (StaleTransaction), a deadlock or serialization failure.
+_AGAIN: Final = (_Moved, StaleTransaction, asyncpg.TransactionRollbackError)
 
 _HEAD = """
 SELECT stream_version, user_id, type FROM events WHERE stream_id = $1 ORDER BY stream_version DESC LIMIT 1
@@ -59,17 +75,24 @@ async def erase_conversation(
                     raise NotFound(str(stream_id))
                 if expected_version is not None and expected_version != head["stream_version"]:
                     raise VersionConflict(expected_version, head["stream_version"])
-                (position,) = await _erase(conn, user_id, [(stream_id, head["stream_version"])])
+                try:
+                    (position,) = await _erase(conn, user_id, [(stream_id, head["stream_version"])])
+                except VersionConflict:
+                    raise _Moved from None  # not the client's version: an append came in between
                 return position
         except VersionConflict:
             if expected_version is not None:
-                raise  # an append came between the head and the deletion: read again
+                raise  # the client's version is stale
+        except _AGAIN:
+            pass  # an append came between the head and the deletion, or a deadlock: again, afresh
     raise VersionConflict(expected_version or 0, -1)
 
 
-async def erase_user(conn: asyncpg.Connection, user_id: str) -> int:
+async def erase_user(conn: asyncpg.Connection, user_id: str, erased: list[uuid.UUID] | None = None) -> int:
     """Erase every conversation of the user and their idempotency records; the position of the
-    last deletion event (or of the user's last event, 0 for none, when there was nothing to erase)."""
+    last deletion event (or of the user's last event, 0 for none, when there was nothing to erase).
+    `erased` receives the conversations' ids."""
+    erased = [] if erased is None else erased
     for _ in range(MAX_RETRIES):
         try:
             async with conn.transaction():
@@ -85,14 +108,15 @@ async def erase_user(conn: asyncpg.Connection, user_id: str) -> int:
                     keyed,
                 )
                 positions = await _erase(conn, user_id, [(r[0], r[1]) for r in heads])
+                erased[:] = [r[0] for r in heads]
                 await conn.execute("DELETE FROM idempotency_keys WHERE user_id = $1", user_id)
                 await conn.execute("INSERT INTO erasures (user_id) VALUES ($1)", user_id)
                 if positions:
                     return max(positions)
                 last = await conn.fetchval("SELECT max(position) FROM events WHERE user_id = $1", user_id)
                 return int(last or 0)
-        except VersionConflict:
-            continue  # an append came between the heads and the deletions: read again
+        except (VersionConflict, *_AGAIN):
+            continue  # an append came between the heads and the deletions, or a deadlock: again, afresh
     raise VersionConflict(0, -1)
 
 

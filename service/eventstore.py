@@ -248,7 +248,7 @@ LIMIT $3
 
 # The worker holds the keys of the streams it folds until its batch commits: an erasure waits
 # for it (and then deletes what it wrote), or has committed and the batch sees no key.
-_HOLD_KEYS = "SELECT stream_id FROM data_keys WHERE stream_id = ANY($1::uuid[]) FOR KEY SHARE"
+_HOLD_KEYS = "SELECT stream_id FROM data_keys WHERE stream_id = ANY($1::uuid[]) ORDER BY stream_id FOR KEY SHARE"
 
 
 def validate_user_id(user_id: str) -> None:
@@ -566,13 +566,15 @@ async def append_all(conn: asyncpg.Connection, commands: Sequence[Prepared]) -> 
     their last events."""
     if not commands:
         return []
-    statement, args = _statement(_columns([(p, p.expected_version) for p in commands]))
+    # Each stream's head is looked up (not taken from the expected version), so that the order
+    # rule holds too: a stream written by a newer transaction skips its command.
+    statement, args = _statement(_columns([(p, None) for p in commands]))
     try:
         rows = await conn.fetch(statement, *args)
     except asyncpg.UniqueViolationError:
         raise VersionConflict(-1, -1) from None  # a stream moved on (and the transaction is lost)
     if len(rows) != sum(len(p.event_ids) for p in commands):
-        raise VersionConflict(-1, -1)
+        raise VersionConflict(-1, -1)  # a stream moved on, or was written by a newer transaction
     last = {row[0]: row[1] for row in rows}
     return [last[p.event_ids[-1]] for p in commands]
 

@@ -21,8 +21,10 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import contextlib
 import hashlib
 import os
+import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,15 +81,30 @@ def master_keys(settings: Settings) -> tuple[list[bytes], str]:
     if settings.master_key:
         return parse_master_keys(settings.master_key), "CHATLOG_MASTER_KEY"
     path = Path(settings.data_dir).expanduser() / MASTER_KEY_FILE
+    if not path.exists():
+        _create_key_file(path)
+    return parse_master_keys(path.read_text().strip()), f"the key file {path} (CHATLOG_MASTER_KEY is not set)"
+
+
+def _create_key_file(path: Path) -> None:
+    """A new key, whole and on disk before anyone reads it: written and fsynced under a name of its
+    own, then linked into place (link fails if another process got there first: its key stands)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".master.key.")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
         with os.fdopen(fd, "w") as f:
             f.write(new_master_key())
-    return parse_master_keys(path.read_text().strip()), f"the key file {path} (CHATLOG_MASTER_KEY is not set)"
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        os.unlink(temporary)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 class Keyring:
@@ -236,7 +253,8 @@ async def rotate(conn: asyncpg.Connection, keyring: Keyring, batch: int = 1000) 
     while True:
         async with conn.transaction():
             rows = await conn.fetch(
-                "SELECT stream_id, wrapped, master_id FROM data_keys WHERE master_id <> $1 LIMIT $2 FOR UPDATE",
+                "SELECT stream_id, wrapped, master_id FROM data_keys WHERE master_id <> $1 "
+                "ORDER BY stream_id LIMIT $2 FOR UPDATE",
                 keyring.current_id,
                 batch,
             )
