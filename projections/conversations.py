@@ -25,7 +25,15 @@ import asyncpg
 import msgspec
 
 from projections.base import ProjectionError
-from service.events import ConversationDeleted, ConversationStarted, ConversationUpdated, MessageAppended
+from service.events import (
+    BranchSelected,
+    ConversationDeleted,
+    ConversationForked,
+    ConversationStarted,
+    ConversationUpdated,
+    MessageAppended,
+    upcast_parent,
+)
 from service.eventstore import RecordedEvent
 from service.settings import Settings
 
@@ -45,11 +53,16 @@ class Conversation(msgspec.Struct):
     last_message_preview: str | None
     version: int
     last_position: int
+    active_leaf_id: uuid.UUID | None = None  # the last message of the active branch
+    last_message_id: uuid.UUID | None = None  # the message appended last (a version-1 message's parent)
+    forked_from_conversation: uuid.UUID | None = None
+    forked_from_message: uuid.UUID | None = None
 
 
 _CONVERSATION_COLUMNS = (
     "id, user_id, title, metadata::text, created_at, updated_at, message_count, "
-    "last_message_preview, version, last_position"
+    "last_message_preview, version, last_position, active_leaf_id, last_message_id, "
+    "forked_from_conversation, forked_from_message"
 )
 
 
@@ -101,7 +114,8 @@ class ConversationsProjection:
         live = [c for sid in dirty if (c := state[sid]) is not None]
         if live:
             await conn.execute(_upsert(conversations), *_columns(live))
-        kept = [m for m in new_messages if state[m[1]] is not None]
+        placed = await _placed(conn, messages, new_messages)
+        kept = [m for m in placed if state[m[1]] is not None]
         if kept:
             await conn.execute(_insert_messages(messages), *map(list, zip(*kept, strict=True)), self.search_config)
 
@@ -144,6 +158,43 @@ async def erase_rows(
         await conn.execute(f"DELETE FROM {conversations} WHERE id = ANY($1::uuid[])", list(stream_ids))
 
 
+async def _placed(conn: asyncpg.Connection, table: str, new: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The new message rows with their place in the conversation's tree: `depth` (1 for a first
+    message) and `run`, the first message of the chain it continues. A message continues its
+    parent's run when it is the parent's first child, and starts a run of its own otherwise, so
+    that a branch (the path from a first message to a leaf) is a few runs, each a range of depths
+    on one index (`messages_run_depth`), however deep the tree."""
+    if not new:
+        return new
+    ids = {m[0] for m in new}
+    parents = list({m[9] for m in new if m[9] is not None and m[9] not in ids})
+    known: dict[uuid.UUID, list[Any]] = {}  # id -> [run, depth, has a child]
+    if parents:
+        rows = await conn.fetch(
+            f"SELECT p.id, p.run, p.depth, EXISTS (SELECT FROM {table} AS c WHERE c.parent_id = p.id) "
+            f"FROM {table} AS p WHERE p.id = ANY($1::uuid[])",
+            parents,
+        )
+        known = {r[0]: [r[1], r[2], r[3]] for r in rows}
+    placed = []
+    for m in new:
+        message_id, parent_id = m[0], m[9]
+        if parent_id is None:
+            run, depth = message_id, 1
+        else:
+            parent = known.get(parent_id)
+            if parent is None:
+                raise ProjectionError(
+                    m[8], f"message {message_id} follows {parent_id}, which is not in its conversation"
+                )
+            run = message_id if parent[2] else parent[0]
+            depth = parent[1] + 1
+            parent[2] = True
+        known[message_id] = [run, depth, False]
+        placed.append((*m, depth, run))
+    return placed
+
+
 _UNCHANGED: Final = object()
 
 
@@ -159,9 +210,10 @@ def fold(conv: Conversation | None, e: RecordedEvent, *, deleted: bool = False) 
         return _UNCHANGED, None  # deletion is final; an erased event folds to nothing
     if conv is None and isinstance(event, ConversationDeleted):
         return None, None  # an erased conversation's deletion (its start folded to nothing)
-    if isinstance(event, ConversationStarted):
+    if isinstance(event, ConversationStarted | ConversationForked):
         if conv is not None:
             raise ProjectionError(e.position, f"conversation {sid} started twice")
+        source = event if isinstance(event, ConversationForked) else None
         return Conversation(
             id=sid,
             user_id=e.user_id,
@@ -173,6 +225,8 @@ def fold(conv: Conversation | None, e: RecordedEvent, *, deleted: bool = False) 
             last_message_preview=None,
             version=e.stream_version,
             last_position=e.position,
+            forked_from_conversation=source.source_conversation_id if source else None,
+            forked_from_message=source.source_message_id if source else None,
         ), None
     if conv is None:
         raise ProjectionError(e.position, f"{e.type} for conversation {sid}, which never started")
@@ -184,6 +238,8 @@ def fold(conv: Conversation | None, e: RecordedEvent, *, deleted: bool = False) 
                 e.position, f"message seq {event.seq} in conversation {sid}, expected {conv.message_count}"
             )
         conv.last_message_preview = event.content[:PREVIEW_CHARS]
+        parent = upcast_parent(event, e.schema_version, conv.last_message_id)
+        conv.last_message_id = conv.active_leaf_id = event.message_id
         message = (
             event.message_id,
             sid,
@@ -194,7 +250,10 @@ def fold(conv: Conversation | None, e: RecordedEvent, *, deleted: bool = False) 
             _encode(event.metadata).decode(),
             e.recorded_at,
             e.position,
+            parent,
         )
+    elif isinstance(event, BranchSelected):
+        conv.active_leaf_id = event.leaf_id
     elif isinstance(event, ConversationUpdated):
         if event.title is not None:
             conv.title = event.title
@@ -206,6 +265,23 @@ def fold(conv: Conversation | None, e: RecordedEvent, *, deleted: bool = False) 
     conv.version = e.stream_version
     conv.last_position = e.position
     return conv, message
+
+
+def branch(events: Sequence[RecordedEvent], leaf: uuid.UUID) -> list[RecordedEvent]:
+    """The messages of the branch that ends at `leaf`, first message first, from a stream's events
+    (a version-1 message follows the message appended before it)."""
+    parents: dict[uuid.UUID, tuple[RecordedEvent, uuid.UUID | None]] = {}
+    previous: uuid.UUID | None = None
+    for e in events:
+        if isinstance(e.event, MessageAppended):
+            parents[e.event.message_id] = (e, upcast_parent(e.event, e.schema_version, previous))
+            previous = e.event.message_id
+    path: list[RecordedEvent] = []
+    at: uuid.UUID | None = leaf
+    while at is not None and at in parents:
+        e, at = parents[at]
+        path.append(e)
+    return path[::-1]
 
 
 def fold_stream(events: Sequence[RecordedEvent]) -> Conversation | None:
@@ -227,17 +303,22 @@ def _columns(convs: list[Conversation]) -> list[list[Any]]:
 def _upsert(table: str) -> str:
     return f"""
     INSERT INTO {table} (id, user_id, title, metadata, created_at, updated_at, message_count,
-                         last_message_preview, version, last_position)
+                         last_message_preview, version, last_position, active_leaf_id, last_message_id,
+                         forked_from_conversation, forked_from_message)
     SELECT id, user_id, title, metadata::jsonb, created_at, updated_at, message_count,
-           last_message_preview, version, last_position
+           last_message_preview, version, last_position, active_leaf_id, last_message_id,
+           forked_from_conversation, forked_from_message
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-                $7::integer[], $8::text[], $9::integer[], $10::bigint[])
+                $7::integer[], $8::text[], $9::integer[], $10::bigint[], $11::uuid[], $12::uuid[],
+                $13::uuid[], $14::uuid[])
          AS c(id, user_id, title, metadata, created_at, updated_at, message_count,
-              last_message_preview, version, last_position)
+              last_message_preview, version, last_position, active_leaf_id, last_message_id,
+              forked_from_conversation, forked_from_message)
     ON CONFLICT (id) DO UPDATE SET
         title = excluded.title, metadata = excluded.metadata, updated_at = excluded.updated_at,
         message_count = excluded.message_count, last_message_preview = excluded.last_message_preview,
-        version = excluded.version, last_position = excluded.last_position
+        version = excluded.version, last_position = excluded.last_position,
+        active_leaf_id = excluded.active_leaf_id, last_message_id = excluded.last_message_id
     """
 
 
@@ -265,10 +346,12 @@ def search_vector(config_sql: str, content_sql: str, user_id_sql: str) -> str:
 
 def _insert_messages(table: str) -> str:
     return f"""
-    INSERT INTO {table} (id, conversation_id, user_id, seq, role, content, metadata, created_at, position, search)
+    INSERT INTO {table} (id, conversation_id, user_id, seq, role, content, metadata, created_at, position,
+                         parent_id, depth, run, search)
     SELECT id, conversation_id, user_id, seq, role, content, metadata::jsonb, created_at, position,
-           {search_vector("$10::regconfig", "content", "user_id")}
+           parent_id, depth, run, {search_vector("$13::regconfig", "content", "user_id")}
     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::integer[], $5::text[], $6::text[], $7::text[],
-                $8::timestamptz[], $9::bigint[])
-         AS m(id, conversation_id, user_id, seq, role, content, metadata, created_at, position)
+                $8::timestamptz[], $9::bigint[], $10::uuid[], $11::integer[], $12::uuid[])
+         AS m(id, conversation_id, user_id, seq, role, content, metadata, created_at, position,
+              parent_id, depth, run)
     """

@@ -23,10 +23,11 @@ from typing import Final
 
 import msgspec
 
-from projections.conversations import fold_stream
+from projections.conversations import branch, fold_stream
 from service import commands, shapes
 from service.assistants import Assistant, AssistantError, Prompt, PromptMessage
 from service.connections import ConnectionPool
+from service.errors import BadRequest
 from service.events import Content, ConversationStarted, EventValidationError, MessageAppended
 from service.eventstore import EventStore, NotFound, RecordedEvent, prior_command, read_stream
 from service.ids import uuid7
@@ -38,9 +39,14 @@ _UNLOCK = "SELECT pg_advisory_unlock(hashtextextended($1, 0))"
 
 
 class ChatRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    message: Content
+    message: Content | None = None  # required, unless regenerate_id is given
     conversation_id: uuid.UUID | None = None
     stream: bool = False
+    # An edit: the user's message follows this message (null: none, a first message) instead of
+    # the active leaf; the prompt is that new branch.
+    parent_id: uuid.UUID | msgspec.UnsetType | None = msgspec.UNSET
+    # Ask again for this assistant reply: the new reply is its sibling (no `message`).
+    regenerate_id: uuid.UUID | None = None
 
 
 class ChatAnswer(msgspec.Struct, kw_only=True):
@@ -123,6 +129,17 @@ async def chat(
     """One turn; the answer and whether it is a replay of a stored one. With `on_delta` the
     assistant streams and each piece of its reply is passed on as it comes."""
     store, key = chat.store, idempotency.key
+    _check(body)
+    if body.regenerate_id is not None:
+        assert body.conversation_id is not None
+        async with chat.turn_lock(body.conversation_id):
+            question = await _regenerated(store, user_id, body.conversation_id, body.regenerate_id)
+            try:
+                return await _reply(chat, user_id, body.conversation_id, question, idempotency, on_delta)
+            except AssistantError as exc:
+                exc.conversation_id, exc.position = body.conversation_id, question
+                raise
+    assert body.message is not None
     asked: int | None = None  # the position of the user's message, once stored
     if key is not None:
         async with store.pool.acquire() as conn:
@@ -150,7 +167,7 @@ async def chat(
             conversation_id = body.conversation_id
     async with chat.turn_lock(conversation_id):
         if asked is None:
-            message = shapes.MessageCreate(role="user", content=body.message)
+            message = shapes.MessageCreate(role="user", content=body.message, parent_id=body.parent_id)
             stored, _ = await commands.append_message(store, chat.heads, user_id, conversation_id, message, idempotency)
             asked = stored.position
         try:
@@ -158,6 +175,38 @@ async def chat(
         except AssistantError as exc:
             exc.conversation_id, exc.position = conversation_id, asked
             raise
+
+
+def _check(body: ChatRequest) -> None:
+    if body.regenerate_id is not None:
+        if body.conversation_id is None:
+            raise BadRequest("regenerate_id needs the conversation_id", field="conversation_id")
+        if body.message is not None or body.parent_id is not msgspec.UNSET:
+            raise BadRequest("give a message or regenerate_id, not both", field="regenerate_id")
+    elif body.message is None:
+        raise BadRequest("give a message (or regenerate_id)", field="message")
+    elif body.conversation_id is None and body.parent_id is not msgspec.UNSET:
+        raise BadRequest("parent_id needs the conversation_id", field="parent_id")
+
+
+async def _regenerated(store: EventStore, user_id: str, conversation_id: uuid.UUID, reply_id: uuid.UUID) -> int:
+    """The position of the message the reply `reply_id` answered (its parent), read from the log;
+    422 unless it names an assistant reply of this conversation that follows a message."""
+    async with store.pool.acquire() as conn:
+        history = await read_stream(conn, store.keyring, user_id, conversation_id)
+    if fold_stream(history) is None:
+        raise NotFound(str(conversation_id))
+    path = next(
+        (
+            branch(history, reply_id)
+            for e in history
+            if isinstance(e.event, MessageAppended) and e.event.message_id == reply_id
+        ),
+        [],
+    )
+    if len(path) < 2 or not isinstance(path[-1].event, MessageAppended) or path[-1].event.role != "assistant":
+        raise BadRequest("regenerate_id is not an assistant reply of this conversation", field="regenerate_id")
+    return path[-2].position
 
 
 async def _reply(
@@ -181,7 +230,10 @@ async def _reply(
         history = await read_stream(conn, store.keyring, user_id, conversation_id)
     if fold_stream(history) is None:
         raise NotFound(str(conversation_id))  # deleted meanwhile
-    prompt = prompt_from(history, chat.max_messages, chat.max_chars)
+    question = next(e.event for e in history if e.position == asked)
+    assert isinstance(question, MessageAppended)
+    # The prompt is the branch that ends at the user's message (API.md: not the whole tree).
+    prompt = prompt_from(branch(history, question.message_id), chat.max_messages, chat.max_chars)
     if on_delta is None:
         text = await chat.assistant.complete(prompt)
     else:
@@ -192,7 +244,7 @@ async def _reply(
         text = "".join(pieces)
     if not text:
         raise AssistantError("the assistant gave an empty reply")
-    reply = shapes.MessageCreate(role="assistant", content=text)
+    reply = shapes.MessageCreate(role="assistant", content=text, parent_id=question.message_id)
     try:
         stored, replayed = await commands.append_message(store, chat.heads, user_id, conversation_id, reply, answered)
     except EventValidationError as exc:

@@ -50,6 +50,24 @@ class MessageAppended(Event, tag="message.appended", frozen=True):
     # The message's number in its conversation (1, 2, ...), as the command that appended it
     # decided; the fold checks it. Absent, it is the count of the conversation's messages so far.
     seq: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    # The message it follows (None: a first message). Schema version 2; a version-1 event has
+    # none, and its parent is the message appended before it (see `upcast_parent`).
+    parent_id: uuid.UUID | None = None
+
+
+class BranchSelected(Event, tag="branch.selected", frozen=True):
+    """The conversation's active branch now ends at this message."""
+
+    leaf_id: uuid.UUID
+
+
+class ConversationForked(Event, tag="conversation.forked", frozen=True):
+    """A conversation's first event when it is a fork: copies of the branch follow it."""
+
+    source_conversation_id: uuid.UUID
+    source_message_id: uuid.UUID
+    title: Title = ""
+    metadata: Metadata = msgspec.field(default_factory=dict)
 
 
 class ConversationUpdated(Event, tag="conversation.updated", frozen=True):
@@ -61,23 +79,50 @@ class ConversationDeleted(Event, tag="conversation.deleted", frozen=True):
     pass
 
 
-DomainEvent = ConversationStarted | MessageAppended | ConversationUpdated | ConversationDeleted
+DomainEvent = (
+    ConversationStarted
+    | MessageAppended
+    | ConversationUpdated
+    | ConversationDeleted
+    | BranchSelected
+    | ConversationForked
+)
 EVENT_TYPES: Final[dict[str, type[Event]]] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
-    for cls in (ConversationStarted, MessageAppended, ConversationUpdated, ConversationDeleted)
+    for cls in (
+        ConversationStarted,
+        MessageAppended,
+        ConversationUpdated,
+        ConversationDeleted,
+        BranchSelected,
+        ConversationForked,
+    )
 }
 
 # What of an event stays in clear in the log: its ids and numbers, which queries use. The rest
 # (titles, metadata, contents, roles) is sealed under its stream's data key (service/sealing.py);
 # an event type without fields has nothing to seal.
-STRUCTURE: Final = ("message_id", "seq")
+STRUCTURE: Final = ("message_id", "seq", "parent_id", "leaf_id")
 CONTENT_FREE: Final = frozenset(tag for tag, cls in EVENT_TYPES.items() if not cls.__struct_fields__)
-STARTS_STREAM: Final = frozenset({"conversation.started"})  # an append that begins with it makes a new stream
+STARTS_STREAM: Final = frozenset(
+    {"conversation.started", "conversation.forked"}
+)  # an append that begins with it makes a new stream
 
 # The current schema version of each event type. An upcaster turns the data of version n of
 # a type into version n + 1; stored events are never rewritten.
-SCHEMA_VERSIONS: Final[dict[str, int]] = dict.fromkeys(EVENT_TYPES, 1)
-UPCASTERS: Final[dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]]] = {}
+SCHEMA_VERSIONS: Final[dict[str, int]] = {**dict.fromkeys(EVENT_TYPES, 1), "message.appended": 2}
+# message.appended 1 -> 2 adds `parent_id`. The data alone cannot say which message came before,
+# so the upcast leaves it None and marks the event; whoever folds the stream (which knows the
+# previous message) gives it its parent: `upcast_parent`.
+UPCASTERS: Final[dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]]] = {
+    ("message.appended", 1): lambda raw: {**raw, "parent_id": None},
+}
+
+
+def upcast_parent(event: MessageAppended, schema_version: int, previous: uuid.UUID | None) -> uuid.UUID | None:
+    """A message's parent: its own, or, for a version-1 event, the message appended before it."""
+    return previous if schema_version < 2 else event.parent_id
+
 
 _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[DomainEvent] = msgspec.json.Decoder(DomainEvent)

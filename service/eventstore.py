@@ -49,7 +49,7 @@ from service.sealing import Keyring, event_aad, idempotency_digest, open_sealed,
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL: Final = "chatlog_events"
-MAX_EVENTS_PER_APPEND: Final = 100
+MAX_EVENTS_PER_APPEND: Final = 10_001  # a fork: its first event and up to 10,000 copies
 MAX_APPEND_ATTEMPTS: Final = 200
 _IDEMPOTENCY_KEY_CHARS: Final = frozenset(chr(c) for c in range(0x20, 0x7F))
 
@@ -119,6 +119,11 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def erased(self) -> bool:
         return self.event is None
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version the event was written with (its data is upcast to the current one)."""
+        return int((self.metadata or {}).get("schema_version", 1))
 
     @property
     def checkpoint(self) -> Checkpoint:

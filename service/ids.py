@@ -48,7 +48,7 @@ def uuid7() -> uuid.UUID:
     return uuid.UUID(int=((ms & 0xFFFF_FFFF_FFFF) << 80) | (rand & _RANDOM_BITS) | _VERSION_AND_VARIANT)
 
 
-def parse_uuid(value: str) -> uuid.UUID:
+def parse_uuid(value: str, field: str = "conversation_id") -> uuid.UUID:
     """A malformed id is a validation error (422), not a missing route (404).
 
     The forms a JSON body's ids take (msgspec's): canonical, in either case, or its 32 hex digits;
@@ -56,5 +56,5 @@ def parse_uuid(value: str) -> uuid.UUID:
     try:
         parsed: uuid.UUID = msgspec.convert(value, uuid.UUID)
     except (msgspec.ValidationError, UnicodeEncodeError):  # the latter: a lone surrogate
-        raise BadRequest("not a valid conversation id (a UUID)", field="conversation_id") from None
+        raise BadRequest(f"not a valid {field.replace('_id', '')} id (a UUID)", field=field) from None
     return parsed

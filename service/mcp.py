@@ -226,12 +226,12 @@ def build_server(tools: Tools) -> MCPServer:
         async def call(user: str) -> dict[str, Any]:
             cid = parse_uuid(conversation_id)
             await readable(user, min_position)
-            scope = f"messages:{cid}:{order}"
+            scope = f"messages:{cid}:{order}:branch"
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
 
             async def fetch(count: int) -> tuple[list[shapes.Message], list[Any] | None]:
-                async with tools.pool.acquire() as conn:
-                    return await queries.list_messages(conn, user, cid, count, order == "desc", after)
+                async with tools.pool.acquire() as conn:  # the active branch (API.md, MCP)
+                    return await queries.list_branch(conn, user, cid, count, order == "desc", None, after)
 
             items, next_after = await _fitted(fetch, limit, _message, budget)
             return _page(tools, scope, user, next_after, messages=items)
@@ -282,8 +282,10 @@ def build_server(tools: Tools) -> MCPServer:
     @server.tool(
         description=(
             "Append a message to one of the user's conversations; answers the stored message with "
-            "its seq and position. Give an idempotency_key to make a retry safe: the same key "
-            "and content store the message once."
+            "its seq and position. It follows the conversation's active leaf, or parent_id (any "
+            "message of the conversation: an edit or another branch); it becomes the active leaf. "
+            "Give an idempotency_key to make a retry safe: the same key and content store the "
+            "message once."
         )
     )
     async def append_message(
@@ -294,10 +296,16 @@ def build_server(tools: Tools) -> MCPServer:
         idempotency_key: Annotated[
             str | None, Field(min_length=1, max_length=255, description="1-255 printable ASCII")
         ] = None,
+        parent_id: Annotated[
+            str | None, Field(max_length=64, description="the message it follows (default: the active leaf)")
+        ] = None,
     ) -> CallToolResult:
         async def call(user: str) -> dict[str, Any]:
             cid = parse_uuid(conversation_id)
-            body = shapes.MessageCreate(role=role, content=content)
+            if parent_id is None:
+                body = shapes.MessageCreate(role=role, content=content)
+            else:
+                body = shapes.MessageCreate(role=role, content=content, parent_id=parse_uuid(parent_id, "parent_id"))
             fingerprint = commands.request_fingerprint("POST", f"/v1/conversations/{cid}/messages", body)
             asked = commands.Idempotency(idempotency_key, fingerprint)
             message, _ = await commands.append_message(tools.store, tools.heads, user, cid, body, asked)
@@ -370,7 +378,8 @@ def _message(m: shapes.Message, chars: int) -> dict[str, Any]:
     out["content"] = m.content
     if m.metadata:
         out["metadata"] = m.metadata
-    return _fit(out | {"created_at": m.created_at, "position": m.position}, "content", chars)
+    parent = None if m.parent_id is None else str(m.parent_id)
+    return _fit(out | {"created_at": m.created_at, "position": m.position, "parent_id": parent}, "content", chars)
 
 
 def _conversation(c: shapes.Conversation, chars: int) -> dict[str, Any]:

@@ -22,9 +22,10 @@ from service.sealing import Keyring
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _CONVERSATION_COLUMNS: Final = (
-    "id, title, metadata::text, created_at, updated_at, message_count, last_message_preview, version"
+    "id, title, metadata::text, created_at, updated_at, message_count, last_message_preview, version, "
+    "active_leaf_id, forked_from_conversation, forked_from_message"
 )
-_MESSAGE_COLUMNS: Final = "id, conversation_id, seq, role, content, metadata::text, created_at, position"
+_MESSAGE_COLUMNS: Final = "id, conversation_id, seq, role, content, metadata::text, created_at, position, parent_id"
 
 
 def micros(moment: datetime) -> int:
@@ -45,10 +46,12 @@ def _conversation(row: asyncpg.Record) -> shapes.Conversation:
         message_count=row[5],
         last_message_preview=row[6],
         version=row[7],
+        active_leaf_id=row[8],
+        forked_from=None if row[9] is None else shapes.ForkedFrom(conversation_id=row[9], message_id=row[10]),
     )
 
 
-def message_from_row(row: asyncpg.Record) -> shapes.Message:
+def message_from_row(row: asyncpg.Record, parent_column: int = 8) -> shapes.Message:
     return shapes.Message(
         id=row[0],
         conversation_id=row[1],
@@ -58,6 +61,7 @@ def message_from_row(row: asyncpg.Record) -> shapes.Message:
         metadata=msgspec.json.decode(row[5]),
         created_at=shapes.timestamp(row[6]),
         position=row[7],
+        parent_id=row[parent_column],
     )
 
 
@@ -184,6 +188,82 @@ WHERE c.id = $1 AND c.user_id = $2
 """
 _MESSAGES_ASC: Final = _MESSAGES.format(cmp="seq > $3", order="seq ASC")
 _MESSAGES_DESC: Final = _MESSAGES.format(cmp="seq < $3", order="seq DESC")
+
+
+async def list_branch(
+    conn: asyncpg.Connection,
+    user_id: str,
+    conversation_id: uuid.UUID,
+    limit: int,
+    descending: bool,
+    leaf_id: uuid.UUID | None,
+    after: list[Any] | None,
+) -> tuple[list[shapes.Message], list[Any] | None]:
+    """A page of the branch that ends at `leaf_id` (default: the active leaf), in path order from
+    the first message (or back from the leaf), and the keyset after its last item if more follow.
+
+    The keyset holds the leaf and a depth, so a walk stays on the branch it started on while
+    messages arrive or the active branch moves. One statement: the conversation (no row: 404),
+    the leaf, the runs of the branch that the page touches (walked up from the leaf: one step per
+    fork on the way, not per message) and the page, from `messages_run_depth`."""
+    depth: int | None = None
+    if after is not None:
+        if len(after) != 2 or type(after[0]) is not str or type(after[1]) is not int:
+            raise BadRequest("the cursor is not valid", field="cursor")
+        try:
+            pinned = uuid.UUID(after[0])
+        except ValueError:
+            raise BadRequest("the cursor is not valid", field="cursor") from None
+        if leaf_id is not None and leaf_id != pinned:
+            raise BadRequest("the cursor belongs to another branch", field="cursor")
+        leaf_id, depth = pinned, after[1]
+    rows = await conn.fetch(
+        _BRANCH_DESC if descending else _BRANCH_ASC, conversation_id, user_id, leaf_id, depth, limit + 1
+    )
+    if not rows:
+        raise NotFound(str(conversation_id))
+    if rows[0][0] is None:  # the conversation has no such leaf (or no message at all)
+        if leaf_id is not None and after is None:
+            raise BadRequest("leaf_id is not a message of this conversation", field="leaf_id")
+        return [], None
+    leaf = rows[0][0]
+    rows = [r for r in rows if r[1] is not None]
+    page = [message_from_row(tuple(r)[1:]) for r in rows[:limit]]
+    return page, ([str(leaf), rows[limit - 1][1 + 9]] if len(rows) > limit else None)
+
+
+# The branch's page: depths [a, b] of the path from a first message to the leaf. `seg` walks up
+# from the leaf, one run at a time, until the run that holds depth a.
+_BRANCH = f"""
+WITH RECURSIVE conv AS (
+    SELECT c.id, coalesce($3::uuid, c.active_leaf_id) AS leaf FROM conversations AS c
+    WHERE c.id = $1 AND c.user_id = $2
+), tip AS (
+    SELECT m.id, m.run, m.depth FROM conv JOIN messages AS m ON m.id = conv.leaf AND m.conversation_id = conv.id
+), bounds AS (
+    SELECT {{a}} AS a, {{b}} AS b FROM tip
+), seg(run, lo, hi, up) AS (
+    SELECT tip.run, r.depth, tip.depth, r.parent_id FROM tip JOIN messages AS r ON r.id = tip.run
+    UNION ALL
+    SELECT p.run, r.depth, p.depth, r.parent_id
+    FROM seg JOIN bounds ON seg.lo > bounds.a
+    JOIN messages AS p ON p.id = seg.up
+    JOIN messages AS r ON r.id = p.run
+)
+SELECT tip.id, page.* FROM conv
+LEFT JOIN tip ON true
+LEFT JOIN LATERAL (
+    SELECT {_MESSAGE_COLUMNS}, x.depth FROM seg, bounds, messages AS x
+    WHERE x.run = seg.run AND x.depth BETWEEN greatest(seg.lo, bounds.a) AND least(seg.hi, bounds.b)
+    ORDER BY x.depth {{order}}
+) AS page ON true
+"""
+_BRANCH_ASC: Final = _BRANCH.format(
+    a="coalesce($4::integer, 0) + 1", b="coalesce($4::integer, 0) + $5::integer", order="ASC"
+)
+_BRANCH_DESC: Final = _BRANCH.format(
+    a="coalesce($4::integer, tip.depth + 1) - $5::integer", b="coalesce($4::integer, tip.depth + 1) - 1", order="DESC"
+)
 
 
 def _int_keyset(after: list[Any]) -> int:

@@ -44,7 +44,7 @@ def _sql(filters: str, keyset: str) -> str:
     return f"""
     WITH hits AS (
         SELECT m.id, m.conversation_id, m.seq, m.role, m.content, m.metadata, m.created_at, m.position,
-               ts_rank(m.search, q) AS rank
+               ts_rank(m.search, q) AS rank, m.parent_id
         FROM messages AS m, websearch_to_tsquery($1::regconfig, $2) AS q
         WHERE m.user_id = $3 AND numnode(q) > 0  -- no searchable word: no hits (not all the user's)
           AND m.search @@ (q && quote_literal({owner_lexeme("$3::text")})::tsquery) {filters}
@@ -52,7 +52,8 @@ def _sql(filters: str, keyset: str) -> str:
     SELECT h.id, h.conversation_id, h.seq, h.role, h.content, h.metadata::text, h.created_at, h.position,
            h.rank, c.title,
            ts_headline($1::regconfig, replace(replace(replace(h.content, '&', '&amp;'), '<', '&lt;'), '>', '&gt;'),
-                       websearch_to_tsquery($1::regconfig, $2), $4)
+                       websearch_to_tsquery($1::regconfig, $2), $4),
+           h.parent_id
     FROM (SELECT * FROM hits {keyset} ORDER BY rank DESC, created_at DESC, id DESC LIMIT $5) AS h
     JOIN conversations AS c ON c.id = h.conversation_id
     ORDER BY h.rank DESC, h.created_at DESC, h.id DESC
@@ -90,7 +91,9 @@ async def search_messages(
         await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
         rows = await conn.fetch(_sql(filters, keyset), *args)
     page = [
-        SearchResult(message=message_from_row(r), conversation_title=r[9], snippet=_snippet(r[10]), rank=r[8])
+        SearchResult(
+            message=message_from_row(r, parent_column=11), conversation_title=r[9], snippet=_snippet(r[10]), rank=r[8]
+        )
         for r in rows[:limit]
     ]
     if len(rows) <= limit:

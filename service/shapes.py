@@ -32,6 +32,7 @@ class ConversationCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
 class ConversationPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     title: Title | None = None
     metadata: Metadata | None = None
+    active_leaf_id: uuid.UUID | None = None  # switch to the branch that ends at this message
     expected_version: Version | None = None
 
 
@@ -39,7 +40,20 @@ class MessageCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     role: Role
     content: Content
     metadata: Metadata = msgspec.field(default_factory=dict)
+    # The message it follows; null: none (a first message, e.g. an edit of the first one);
+    # absent: the active leaf.
+    parent_id: uuid.UUID | msgspec.UnsetType | None = msgspec.UNSET
     expected_version: Version | None = None
+
+
+class ForkedFrom(msgspec.Struct, kw_only=True):
+    conversation_id: uuid.UUID
+    message_id: uuid.UUID
+
+
+class ForkCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    message_id: uuid.UUID | None = None  # the branch's last message; default: the active leaf
+    title: Title | None = None  # default: the source's title
 
 
 class Conversation(msgspec.Struct, kw_only=True):
@@ -52,6 +66,8 @@ class Conversation(msgspec.Struct, kw_only=True):
     message_count: int
     last_message_preview: str | None
     version: int
+    active_leaf_id: uuid.UUID | None = None  # the last message of the active branch
+    forked_from: ForkedFrom | None = None
     # Only in the answer to a write: the position of its last event.
     position: int | msgspec.UnsetType = msgspec.UNSET
 
@@ -66,6 +82,7 @@ class Message(msgspec.Struct, kw_only=True):
     metadata: dict[str, str]
     created_at: Timestamp
     position: int
+    parent_id: uuid.UUID | None = None  # the message it follows; None for a first message
 
 
 class LogEvent(msgspec.Struct, kw_only=True):

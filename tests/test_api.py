@@ -22,8 +22,9 @@ async def test_a_new_conversation_has_the_documented_shape(api: Api) -> None:
     c = await api.create(user, title="Trip to Oslo", metadata={"topic": "travel"})
     assert set(c) == {
         "id", "object", "title", "metadata", "created_at", "updated_at",
-        "message_count", "last_message_preview", "version", "position",
+        "message_count", "last_message_preview", "version", "position", "active_leaf_id", "forked_from",
     }  # fmt: skip
+    assert c["active_leaf_id"] is None and c["forked_from"] is None
     assert c["object"] == "conversation" and uuid.UUID(c["id"]).version == 7 and c["id"] == c["id"].lower()
     assert (c["title"], c["metadata"], c["message_count"], c["last_message_preview"], c["version"]) == (
         "Trip to Oslo", {"topic": "travel"}, 0, None, 1,
@@ -41,7 +42,10 @@ async def test_a_message_has_the_documented_shape_and_moves_its_conversation(api
     user = new_user()
     c = await api.create(user, title="t")
     m = await api.say(user, c["id"], "x" * 300, metadata={"source": "web"})
-    assert set(m) == {"id", "object", "conversation_id", "seq", "role", "content", "metadata", "created_at", "position"}
+    assert set(m) == {
+        "id", "object", "conversation_id", "seq", "role", "content", "metadata", "created_at", "position", "parent_id",
+    }  # fmt: skip
+    assert m["parent_id"] is None
     assert (m["object"], m["conversation_id"], m["seq"], m["role"], m["metadata"]) == (
         "message", c["id"], 1, "user", {"source": "web"},
     )  # fmt: skip
@@ -450,6 +454,7 @@ async def test_the_openapi_document_lists_problem_answers_and_no_400(api: Api) -
         ("/v1/conversations/{conversation_id}", "patch"),
         ("/v1/conversations/{conversation_id}", "delete"),
         ("/v1/me", "delete"),
+        ("/v1/conversations/{conversation_id}/fork", "post"),
         ("/v1/conversations/{conversation_id}/messages", "post"),
         ("/v1/conversations/{conversation_id}/messages", "get"),
         ("/v1/events", "get"),

@@ -81,7 +81,7 @@ async def test_appends_number_a_stream_from_one(store: EventStore) -> None:
     assert [e.stream_version for e in events] == [1, 2, 3]
     assert [e.type for e in events] == ["conversation.started", "message.appended", "message.appended"]
     assert events[1].event == second_message(events)
-    assert all(e.metadata["schema_version"] == 1 for e in events)
+    assert [e.schema_version for e in events] == [1, 2, 2]  # each type's current version
 
 
 def second_message(events: list[eventstore.RecordedEvent]) -> MessageAppended:

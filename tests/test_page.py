@@ -279,6 +279,51 @@ async def test_a_streamed_reply_shows_as_it_comes_and_the_history_survives_a_rel
     assert len(listed) == 1
 
 
+async def test_edit_regenerate_and_branch_arrows_keep_every_branch(web: Watched, site: Api) -> None:
+    user = new_user()
+    await web.sign_in(user)
+    page = web.page
+    log = page.get_by_role("log", name="Messages")
+    await web.send("Which city first?")
+    articles = await web.stored(2)
+    await expect(articles.nth(1)).to_contain_text("to: Which city first?")
+    # Edit the question: its text goes to the box; Send adds a new branch beside it.
+    await articles.nth(0).get_by_role("button", name="Edit").click()
+    box = page.get_by_role("textbox", name="Message")
+    await expect(box).to_have_value("Which city first?")
+    await web.send("Which town first?")
+    await expect(log.locator(STORED).nth(1)).to_contain_text("to: Which town first?")
+    articles = await web.stored(2)
+    question = articles.nth(0)
+    await expect(question).to_contain_text("Which town first?")
+    await expect(question.get_by_text("2 / 2")).to_be_visible()
+    # Back to the first branch with the arrow, and forth again.
+    await question.get_by_role("button", name="Previous branch").click()
+    await expect(log.locator(STORED).nth(0)).to_contain_text("Which city first?")
+    await expect(log.locator(STORED).nth(0).get_by_text("1 / 2")).to_be_visible()
+    await expect(log.locator(STORED).nth(1)).to_contain_text("to: Which city first?")
+    await expect(log.locator(STORED).nth(0).get_by_role("button", name="Previous branch")).to_be_disabled()
+    await log.locator(STORED).nth(0).get_by_role("button", name="Next branch").click()
+    await expect(log.locator(STORED).nth(0)).to_contain_text("Which town first?")
+    # Regenerate the reply: a sibling of it, shown with its own arrows.
+    first_reply = await log.locator(STORED).nth(1).get_attribute("data-message-id")
+    await log.locator(STORED).nth(1).get_by_role("button", name="Regenerate").click()
+    await expect(log.locator(STORED).nth(1).get_by_text("2 / 2")).to_be_visible()
+    regenerated = await log.locator(STORED).nth(1).get_attribute("data-message-id")
+    assert regenerated != first_reply
+    # A reload finds the same active branch.
+    await page.reload()
+    articles = await web.stored(2)
+    await expect(articles.nth(0)).to_contain_text("Which town first?")
+    assert await articles.nth(1).get_attribute("data-message-id") == regenerated
+    await expect(articles.nth(1).get_by_text("2 / 2")).to_be_visible()
+    tree = (await site.client.get(
+        f"/v1/conversations/{page.url.split('c=')[1].split('&')[0]}/messages",
+        params={"tree": "true"}, headers=auth(user),
+    )).json()["data"]  # fmt: skip
+    assert len(tree) == 5  # nothing lost: two questions, three replies
+
+
 async def test_stop_ends_the_reply_and_keeps_the_question(web: Watched, site: Api) -> None:
     user = new_user()
     conversation = await conversation_with(site, user, ["first"], title="Stopping")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
 from projections.base import ProjectionError
@@ -188,7 +189,10 @@ async def test_migration_0005_reindexes_messages_with_angle_brackets_and_back(
 ) -> None:
     stream = uuid7()
     await store.append("alice", stream, [ConversationStarted()])
-    await store.append("alice", stream, [message(CODE), message("plain words")])
+    first = message(CODE)  # one linear branch, as every log written before branches is
+    await store.append(
+        "alice", stream, [first, msgspec.structs.replace(message("plain words"), parent_id=first.message_id)]
+    )
     await catch_up(raw_dsn)
     engine = make_engine(db_url, pool_size=1)
     try:
@@ -608,6 +612,8 @@ async def test_replay_under_load_swaps_in_tables_equal_to_the_incremental_ones(
         "messages_conversation_seq",
         "messages_user_created",
         "messages_search",
+        "messages_run_depth",
+        "messages_parent",
     }
     fks = await query(
         raw_dsn,

@@ -13,7 +13,7 @@ from litestar.openapi.spec import Example
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.response import Response as LitestarResponse
 
-from service import commands, queries, shapes
+from service import commands, history, queries, shapes
 from service.auth import TokenError, TokenVerifier
 from service.cursors import Cursors
 from service.errors import BadRequest, Unauthorized
@@ -57,6 +57,14 @@ MinPosition = Annotated[
         ge=1,
         le=9_223_372_036_854_775_807,
         description="answer only once the read models include this position (waits at most 5 s, else 503)",
+    ),
+]
+AsOf = Annotated[
+    int | None,
+    QueryParameter(
+        ge=0,
+        le=9_223_372_036_854_775_807,
+        description="time travel: as it was once every event at or before this position had been applied",
     ),
 ]
 IdempotencyKey = Annotated[
@@ -168,11 +176,40 @@ async def list_conversations(
     responses=problems(404, 422, 503),
 )
 async def get_conversation(
-    state: State, user: User, conversation_id: ConversationId, min_position: MinPosition = None
+    state: State, user: User, conversation_id: ConversationId, min_position: MinPosition = None, as_of: AsOf = None
 ) -> shapes.Conversation:
+    """The conversation; with `as_of`, as it was once every event at or before that position had
+    been applied (folded from the log)."""
     await wait(state, user, min_position)
+    cid = parse_uuid(conversation_id)
+    if as_of is not None:
+        return await history.conversation_as_of(state.store, user, cid, as_of)
     async with state.pool.acquire() as conn:
-        return await queries.get_conversation(conn, user, parse_uuid(conversation_id))
+        return await queries.get_conversation(conn, user, cid)
+
+
+@post(
+    "/v1/conversations/{conversation_id:str}/fork",
+    status_code=201,
+    summary="Fork a conversation: a new one holding copies of a branch",
+    responses=problems(404, 422),
+)
+async def fork_conversation(
+    state: State,
+    request: Request[Any, Any, State],
+    data: JSONBody[shapes.ForkCreate],
+    user: User,
+    conversation_id: ConversationId,
+    idempotency_key: IdempotencyKey = None,
+) -> LitestarResponse[shapes.Conversation]:
+    """A new conversation of the caller holding copies (new ids, seq from 1) of the branch that ends
+    at `message_id` (default: the active leaf), titled `title` (default: the source's)."""
+    data = await strict(request, data)
+    cid = parse_uuid(conversation_id)
+    body, replayed = await history.fork(
+        state.store, state.heads, user, cid, data, idempotency(request, idempotency_key, data)
+    )
+    return answered(body, 201, replayed)
 
 
 @patch(
@@ -271,14 +308,32 @@ async def list_messages(
     limit: Limit = 50,
     cursor: Cursor = None,
     order: Annotated[Literal["asc", "desc"], QueryParameter()] = "asc",
+    leaf_id: Annotated[str | None, QueryParameter(max_length=64)] = None,
+    tree: Annotated[bool, QueryParameter()] = False,
     min_position: MinPosition = None,
+    as_of: AsOf = None,
 ) -> shapes.Page[shapes.Message]:
+    """The active branch in path order (default), the branch that ends at `leaf_id`, or with
+    `tree=true` every message of every branch in `seq` order; with `as_of`, as they were at
+    that position (folded from the log)."""
     await wait(state, user, min_position)
     cid = parse_uuid(conversation_id)
-    scope = f"messages:{cid}:{order}"
+    if tree and leaf_id is not None:
+        raise BadRequest("give leaf_id or tree=true, not both", field="leaf_id")
+    leaf = parse_uuid(leaf_id, "leaf_id") if leaf_id is not None else None
+    scope = f"messages:{cid}:{order}:{'tree' if tree else 'branch'}" + ("" if as_of is None else f":as_of:{as_of}")
     after = state.cursors.decode(cursor, scope, user) if cursor is not None else None
+    if as_of is not None:
+        page, next_after = await history.messages_as_of(
+            state.store, user, cid, as_of,
+            limit=limit, descending=order == "desc", leaf_id=leaf, tree=tree, after=after,
+        )  # fmt: skip
+        return page_of(state.cursors, scope, user, page, next_after)
     async with state.pool.acquire() as conn:
-        page, next_after = await queries.list_messages(conn, user, cid, limit, order == "desc", after)
+        if tree:
+            page, next_after = await queries.list_messages(conn, user, cid, limit, order == "desc", after)
+        else:
+            page, next_after = await queries.list_branch(conn, user, cid, limit, order == "desc", leaf, after)
     return page_of(state.cursors, scope, user, page, next_after)
 
 
@@ -332,6 +387,7 @@ ROUTES = [
     get_conversation,
     update_conversation,
     delete_conversation,
+    fork_conversation,
     erase_me,
     append_message,
     list_messages,

@@ -88,10 +88,14 @@ export class Api {
     return this.json("GET", `/v1/conversations/${id}`, { query: { min_position: minPosition } });
   }
   /** A page of messages, newest first (the page shows the newest page, then older ones). */
-  listMessages(id, { cursor, limit = 50, minPosition, order = "desc" } = {}) {
+  listMessages(id, { cursor, limit = 50, minPosition, order = "desc", tree } = {}) {
     return this.json("GET", `/v1/conversations/${id}/messages`, {
-      query: { order, limit, cursor, min_position: minPosition },
+      query: { order, limit, cursor, min_position: minPosition, tree: tree ? "true" : undefined },
     });
+  }
+  /** Make the branch that ends at `leafId` the active one. */
+  selectBranch(id, leafId) {
+    return this.json("PATCH", `/v1/conversations/${id}`, { body: { active_leaf_id: leafId } });
   }
   rename(id, title) {
     return this.json("PATCH", `/v1/conversations/${id}`, { body: { title } });

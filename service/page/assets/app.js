@@ -14,6 +14,7 @@ const state = {
   listCursor: null,
   current: null, // the open conversation's id (null: a new chat)
   streaming: null, // the AbortController of the reply being streamed
+  editing: null, // the message being edited: Send follows its parent instead of the active leaf
   searchCursor: null,
   searchQuery: "",
 };
@@ -26,6 +27,9 @@ const transcript = new Transcript({
   older: $("older"),
   empty: $("empty"),
   onError: showError,
+  onEdit: startEdit,
+  onRegenerate: regenerate,
+  onSwitch: switchBranch,
 });
 
 // ---- messages to the person ------------------------------------------------------------------
@@ -189,6 +193,7 @@ function addressOf(id, messageId) {
 async function openConversation(id, { messageId, minPosition } = {}) {
   stopReply();
   clearError();
+  endEdit();
   state.current = id;
   markCurrent();
   closeDrawer();
@@ -202,7 +207,10 @@ async function openConversation(id, { messageId, minPosition } = {}) {
   const conversation = known ? Promise.resolve(known) : api.getConversation(id, minPosition);
   try {
     const [found] = await Promise.all([conversation, transcript.open(id, { messageId, minPosition })]);
-    if (state.current === id) setTitle(found);
+    if (state.current === id) {
+      setTitle(found);
+      transcript.loadTree(found.message_count).catch(showError); // for the branch arrows
+    }
   } catch (err) {
     if (state.current !== id) return;
     showError(err);
@@ -256,6 +264,8 @@ async function send() {
   box.value = "";
   growBox();
   const conversationId = state.current;
+  const editing = conversationId ? state.editing : null;
+  endEdit();
   const controller = new AbortController();
   const key = newKey(); // one key for the turn: a retry after a network error never doubles it
   const mine = transcript.addPending("user", text);
@@ -264,7 +274,15 @@ async function send() {
   announce("The assistant is replying.");
   try {
     const body = conversationId ? { conversation_id: conversationId, message: text } : { message: text };
+    if (editing) body.parent_id = editing.parent_id || null;
     const stored = await api.chat(body, key, { onDelta: reply.append, signal: controller.signal });
+    if (editing) {
+      mine.remove();
+      reply.article.remove();
+      announce("The reply is complete.");
+      await afterBranchChange(conversationId, stored.position);
+      return;
+    }
     mine.remove();
     reply.article.remove();
     if (!conversationId && state.current === null) {
@@ -305,6 +323,75 @@ async function send() {
     showError(err);
   } finally {
     if (state.streaming === controller) setStreaming(null);
+  }
+}
+
+// ---- branches: edit, regenerate, switch --------------------------------------------------------
+
+function startEdit(message) {
+  state.editing = message;
+  $("editing").hidden = false;
+  const box = $("message");
+  box.value = message.content;
+  growBox();
+  box.focus();
+}
+
+function endEdit() {
+  state.editing = null;
+  $("editing").hidden = true;
+}
+$("cancel-edit").addEventListener("click", () => {
+  endEdit();
+  $("message").value = "";
+  growBox();
+  $("message").focus();
+});
+
+/** The open conversation again, on its (new) active branch, and the list. */
+async function afterBranchChange(id, position) {
+  await loadConversations(position);
+  markCurrent();
+  if (state.current !== id) return;
+  const conversation = state.conversations.get(id);
+  if (conversation) setTitle(conversation);
+  await transcript.open(id, { minPosition: position });
+  if (state.current === id && conversation) await transcript.loadTree(conversation.message_count);
+}
+
+/** Ask again for an assistant reply: the new one is its sibling, and the active branch. */
+async function regenerate(message) {
+  const conversationId = state.current;
+  if (!conversationId || state.streaming) return;
+  clearError();
+  const controller = new AbortController();
+  const reply = transcript.startReply();
+  setStreaming(controller);
+  announce("The assistant is replying.");
+  try {
+    const body = { conversation_id: conversationId, regenerate_id: message.id };
+    const stored = await api.chat(body, newKey(), { onDelta: reply.append, signal: controller.signal });
+    reply.article.remove();
+    announce("The reply is complete.");
+    await afterBranchChange(conversationId, stored.position);
+  } catch (err) {
+    reply.article.remove();
+    if (err?.name === "AbortError") announce("The reply was stopped.");
+    else showError(err);
+  } finally {
+    if (state.streaming === controller) setStreaming(null);
+  }
+}
+
+async function switchBranch(leafId) {
+  const id = state.current;
+  if (!id || state.streaming) return;
+  clearError();
+  try {
+    const changed = await api.selectBranch(id, leafId);
+    await afterBranchChange(id, changed.position);
+  } catch (err) {
+    showError(err);
   }
 }
 
@@ -545,6 +632,7 @@ document.addEventListener("keydown", (event) => {
   if (document.querySelector("dialog[open]")) return; // a dialog has the keyboard
   if (event.key === "Escape") {
     if (state.streaming) stopReply();
+    else if (state.editing) $("cancel-edit").click();
     else if (!$("search-results").hidden || $("search").value) endSearch();
     else closeDrawer();
     return;

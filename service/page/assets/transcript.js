@@ -1,16 +1,19 @@
-// The transcript of one conversation: the newest page first, older pages loaded as the reader
-// scrolls up (a long conversation is never fetched whole). Each message is an <article> with
-// data-message-id and data-role; its actions come from `actionsFor`, one list per message, so
-// that more of them (edit, regenerate, branch arrows) slot in beside Copy.
+// The transcript of one conversation: its active branch, the newest page first, older pages
+// loaded as the reader scrolls up (a long conversation is never fetched whole). Each message is
+// an <article> with data-message-id and data-role; its actions come from `actionsFor`: Copy,
+// Edit (the person's messages), Regenerate (the assistant's), and, where a message has
+// siblings (other branches at that point), Previous branch / Next branch with "k / n".
 import { copyText, renderMarkdown } from "./markdown.js";
 
 const ROLE_NAMES = { user: "You", assistant: "Assistant", system: "System", tool: "Tool" };
 const PAGE = 50;
 const PAGE_WHEN_SEEKING = 100;
+const TREE_PAGE = 100;
+const TREE_LIMIT = 2000; // the branch arrows of a larger tree are not shown (its pages would be many)
 
 export class Transcript {
-  constructor({ api, scroller, list, older, empty, onError }) {
-    Object.assign(this, { api, scroller, list, older, empty, onError });
+  constructor({ api, scroller, list, older, empty, onError, onEdit, onRegenerate, onSwitch }) {
+    Object.assign(this, { api, scroller, list, older, empty, onError, onEdit, onRegenerate, onSwitch });
     this.reset(null);
     older.addEventListener("click", () => this.loadOlder());
     // Scrolling near the top loads the page before: a sentinel, not a scroll handler.
@@ -21,7 +24,8 @@ export class Transcript {
 
   reset(conversationId) {
     this.conversationId = conversationId;
-    this.messages = new Map(); // id -> message, in the order shown (seq)
+    this.messages = new Map(); // id -> message, in the order shown (path order)
+    this.children = null; // parent id ("" for none) -> its children in seq order, once the tree is known
     this.cursor = null;
     this.loading = null;
     this.list.replaceChildren();
@@ -39,6 +43,46 @@ export class Transcript {
     await this.loadPage({ minPosition, limit: messageId ? PAGE_WHEN_SEEKING : PAGE });
     this.scrollToEnd();
     if (messageId) await this.reveal(messageId);
+  }
+
+  /** The tree's shape (who follows whom), for the branch arrows. Not asked for when the branch
+   * shown holds every message of the conversation, nor, for a long branch shown in part, when
+   * the messages shown are the conversation's newest one after another (seq n-k+1 .. n): any
+   * sibling of them would then be among them, the oldest one's excepted, so a linear
+   * conversation costs no request. */
+  async loadTree(messageCount) {
+    const id = this.conversationId;
+    if (!id || messageCount === 0 || messageCount > TREE_LIMIT) return;
+    if (!this.cursor && this.messages.size === messageCount) return;
+    const seqs = [...this.messages.values()].map((m) => m.seq).sort((a, b) => a - b);
+    const newest = seqs.length > 0 && seqs[seqs.length - 1] === messageCount;
+    if (this.cursor && newest && seqs.every((seq, i) => i === 0 || seq === seqs[i - 1] + 1)) return;
+    const children = new Map();
+    let cursor;
+    for (let loaded = 0; loaded < TREE_LIMIT; loaded += TREE_PAGE) {
+      const page = await this.api.listMessages(id, { tree: true, order: "asc", limit: TREE_PAGE, cursor });
+      if (id !== this.conversationId) return;
+      for (const m of page.data) {
+        const key = m.parent_id || "";
+        if (!children.has(key)) children.set(key, []);
+        children.get(key).push(m);
+      }
+      if (!page.has_more) break;
+      cursor = page.next_cursor;
+    }
+    this.children = children;
+    for (const message of this.messages.values()) this.articleOf(message.id)?.querySelector(".actions")?.replaceWith(this.actionBar(message));
+  }
+
+  siblingsOf(message) {
+    return this.children?.get(message.parent_id || "") || [message];
+  }
+
+  /** The branch to show for `message`: the latest continuation below it, down to a leaf. */
+  leafUnder(message) {
+    let at = message;
+    for (let next; (next = this.children?.get(at.id)); ) at = next[next.length - 1];
+    return at.id;
   }
 
   /** Load the page before the oldest shown, keeping what the reader sees where it is. */
@@ -125,7 +169,33 @@ export class Transcript {
 
   /** The actions a message offers, as (label, handler) pairs. */
   actionsFor(message) {
-    return [{ label: "Copy", run: (button) => copyText(message.content, button) }];
+    const actions = [{ label: "Copy", run: (button) => copyText(message.content, button) }];
+    if (message.role === "user" && this.onEdit) actions.push({ label: "Edit", run: () => this.onEdit(message) });
+    if (message.role === "assistant" && this.onRegenerate) {
+      actions.push({ label: "Regenerate", run: () => this.onRegenerate(message) });
+    }
+    return actions;
+  }
+
+  /** Previous branch, "k / n", Next branch: where the message has siblings. */
+  branchArrows(message) {
+    const siblings = this.siblingsOf(message);
+    if (siblings.length < 2 || !this.onSwitch) return [];
+    const k = siblings.findIndex((m) => m.id === message.id);
+    const arrow = (label, text, to) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "branch";
+      button.textContent = text;
+      button.setAttribute("aria-label", label);
+      button.disabled = !to;
+      if (to) button.addEventListener("click", () => this.onSwitch(this.leafUnder(to)));
+      return button;
+    };
+    const where = document.createElement("span");
+    where.className = "branch-count";
+    where.textContent = `${k + 1} / ${siblings.length}`;
+    return [arrow("Previous branch", "‹", siblings[k - 1]), where, arrow("Next branch", "›", siblings[k + 1])];
   }
 
   render(message) {
@@ -166,6 +236,7 @@ export class Transcript {
       button.addEventListener("click", () => action.run(button));
       bar.append(button);
     }
+    bar.append(...this.branchArrows(message));
     return bar;
   }
 
