@@ -292,3 +292,22 @@ async def test_chat_edits_and_regenerates_on_branches(api: Api) -> None:
     ):
         assert_problem(await api.client.post("/v1/chat", json=body, headers=auth(user)), 422, "validation_error")
     assert len(await pages(api, user, f"/v1/conversations/{cid}/messages", tree="true")) == 7
+
+
+async def test_mcp_follows_the_active_branch_and_appends_with_parent_id(api: Api) -> None:
+    from tests.test_mcp import call, failure, over_http, problem_code
+
+    user = new_user()
+    cid = (await api.create(user))["id"]
+    root = await say(api, user, cid, "root")
+    await say(api, user, cid, "old reply")
+    async with over_http(api, user) as client:
+        added = await call(client, "append_message", conversation_id=cid, content="new reply", parent_id=root["id"])
+        assert added["parent_id"] == root["id"]
+        listed = await call(client, "get_messages", conversation_id=cid)
+        assert [m["content"] for m in listed["messages"]] == ["root", "new reply"]
+        elsewhere = (await api.create(user))["id"]
+        foreign = await say(api, user, elsewhere, "elsewhere")
+        text = await failure(client, "append_message", conversation_id=cid, content="x", parent_id=foreign["id"])
+        assert problem_code(text) == "validation_error"
+    assert len(await pages(api, user, f"/v1/conversations/{cid}/messages", tree="true")) == 3
