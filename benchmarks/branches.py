@@ -25,6 +25,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse
 import asyncio
+import gc
 import os
 import random
 import statistics
@@ -154,15 +155,23 @@ async def main() -> None:
 
         # 2. as_of of a 1,000-message conversation: the conversation and its first page.
         head = await conn.fetchval("SELECT max(position) FROM events WHERE stream_id = $1", small)
-        samples = []
-        for _ in range(30):
+        reads: dict[str, list[float]] = {"conversation": [], "messages": []}
+        # As `chatlog serve` does once started (cli._freeze_startup_heap): what exists now is never
+        # scanned by the collector again, so a full collection costs what the request made.
+        gc.collect()
+        gc.freeze()
+        for _ in range(100):
             began = time.perf_counter()
             await history.conversation_as_of(store, USER, small, head - 10)
+            reads["conversation"].append((time.perf_counter() - began) * 1000)
+            began = time.perf_counter()
             await history.messages_as_of(store, USER, small, head - 10, limit=50, descending=False,
                                          leaf_id=None, tree=False, after=None)  # fmt: skip
-            samples.append((time.perf_counter() - began) * 1000)
-        print(f"as_of of a 1,000-message conversation (conversation + first page, folded from the log): "
-              f"median {statistics.median(samples):.1f} ms, max {max(samples):.1f} ms (target <= 50 ms)")  # fmt: skip
+            reads["messages"].append((time.perf_counter() - began) * 1000)
+        for name, samples in reads.items():
+            print(f"as_of of a 1,000-message conversation ({name}, folded from the log): "
+                  f"p50 {statistics.median(samples):.1f} ms, p99 {p(samples, 99):.1f} ms, max {max(samples):.1f} ms "
+                  f"(target <= 50 ms)")  # fmt: skip
 
         # 3. A fork of a 1,000-message branch.
         samples = []

@@ -230,7 +230,7 @@ _FROM = "FROM events AS e LEFT JOIN data_keys AS k ON k.stream_id = e.stream_id 
 
 _READ_STREAM = (
     f"SELECT {_COLUMNS} {_FROM} WHERE e.stream_id = $1 AND e.user_id = $2 "
-    "AND e.stream_version > $3 ORDER BY e.stream_version"
+    "AND e.stream_version > $3 AND e.position <= $4 ORDER BY e.stream_version"
 )
 
 # DESIGN.md's rule: (tx_id, position) order, below the oldest running transaction.
@@ -690,10 +690,17 @@ def recorded(row: Any, keyring: Keyring, erased: frozenset[uuid.UUID] = frozense
 
 
 async def read_stream(
-    conn: asyncpg.Connection, keyring: Keyring, user_id: str, stream_id: uuid.UUID, *, after_version: int = 0
+    conn: asyncpg.Connection,
+    keyring: Keyring,
+    user_id: str,
+    stream_id: uuid.UUID,
+    *,
+    after_version: int = 0,
+    until_position: int = 2**63 - 1,
 ) -> list[RecordedEvent]:
-    """One user's stream, in version order (empty for another user's stream)."""
-    return [recorded(row, keyring) for row in await conn.fetch(_READ_STREAM, stream_id, user_id, after_version)]
+    """One user's stream, in version order (empty for another user's stream), up to a position."""
+    rows = await conn.fetch(_READ_STREAM, stream_id, user_id, after_version, until_position)
+    return [recorded(row, keyring) for row in rows]
 
 
 async def read_all(

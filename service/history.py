@@ -33,14 +33,18 @@ async def _stream(store: EventStore, user_id: str, conversation_id: uuid.UUID) -
         return await read_stream(conn, store.keyring, user_id, conversation_id)
 
 
-def _as_of(
-    events: list[RecordedEvent], conversation_id: uuid.UUID, position: int
+_HEAD_TYPE = "SELECT type FROM events WHERE stream_id = $1 AND user_id = $2 ORDER BY stream_version DESC LIMIT 1"
+
+
+async def _as_of(
+    store: EventStore, user_id: str, conversation_id: uuid.UUID, position: int
 ) -> tuple[Conversation, list[RecordedEvent]]:
-    """The conversation and its events once every event at or before `position` was applied;
-    404 if it did not exist yet, or is deleted now (its content erased)."""
-    if fold_stream(events) is None:
-        raise NotFound(str(conversation_id))
-    upto = [e for e in events if e.position <= position]
+    """The conversation and its events once every event at or before `position` was applied (only
+    those are read and opened); 404 if it did not exist yet, or is deleted now (its content erased)."""
+    async with store.pool.acquire() as conn:
+        if await conn.fetchval(_HEAD_TYPE, conversation_id, user_id) in (None, "conversation.deleted"):
+            raise NotFound(str(conversation_id))
+        upto = await read_stream(conn, store.keyring, user_id, conversation_id, until_position=position)
     state = fold_stream(upto)
     if state is None:
         raise NotFound(str(conversation_id))
@@ -50,7 +54,7 @@ def _as_of(
 async def conversation_as_of(
     store: EventStore, user_id: str, conversation_id: uuid.UUID, position: int
 ) -> shapes.Conversation:
-    state, _ = _as_of(await _stream(store, user_id, conversation_id), conversation_id, position)
+    state, _ = await _as_of(store, user_id, conversation_id, position)
     return conversation_view(state)
 
 
@@ -68,7 +72,7 @@ async def messages_as_of(
 ) -> tuple[list[shapes.Message], list[Any] | None]:
     """A page of the conversation's messages as they were at `position`: the branch that was
     active then (or ends at `leaf_id`), or the whole tree; the keyset is the index in that list."""
-    state, upto = _as_of(await _stream(store, user_id, conversation_id), conversation_id, position)
+    state, upto = await _as_of(store, user_id, conversation_id, position)
     parents: dict[uuid.UUID, uuid.UUID | None] = {}
     previous: uuid.UUID | None = None
     for e in upto:

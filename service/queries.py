@@ -253,8 +253,12 @@ WITH RECURSIVE conv AS (
 SELECT tip.id, page.* FROM conv
 LEFT JOIN tip ON true
 LEFT JOIN LATERAL (
-    SELECT {_MESSAGE_COLUMNS}, x.depth FROM seg, bounds, messages AS x
-    WHERE x.run = seg.run AND x.depth BETWEEN greatest(seg.lo, bounds.a) AND least(seg.hi, bounds.b)
+    SELECT x.* FROM seg CROSS JOIN bounds
+    CROSS JOIN LATERAL (  -- one range scan of messages_run_depth per run (the LIMIT keeps it one)
+        SELECT {_MESSAGE_COLUMNS}, depth FROM messages
+        WHERE run = seg.run AND depth BETWEEN greatest(seg.lo, bounds.a) AND least(seg.hi, bounds.b)
+        ORDER BY depth LIMIT $5
+    ) AS x
     ORDER BY x.depth {{order}}
 ) AS page ON true
 """
