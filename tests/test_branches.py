@@ -282,6 +282,15 @@ async def test_chat_edits_and_regenerates_on_branches(api: Api) -> None:
     assert await contents(api, user, cid) == ["first question", again["content"]]
     tree = await pages(api, user, f"/v1/conversations/{cid}/messages", tree="true")
     assert [m["seq"] for m in tree] == list(range(1, 8))  # 3 turns of 2, and a regenerated reply
+    # Idempotent like every turn: a retry with its key answers the same reply and asks nothing.
+    keyed = {**auth(user), "Idempotency-Key": "regenerate-once"}
+    body = {"conversation_id": cid, "regenerate_id": again["id"]}
+    once = await api.client.post("/v1/chat", json=body, headers=keyed)
+    retry = await api.client.post("/v1/chat", json=body, headers=keyed)
+    assert once.status_code == retry.status_code == 200 and retry.headers.get("Idempotent-Replayed") == "true"
+    assert once.json()["messages"][1]["id"] == retry.json()["messages"][1]["id"]
+    tree = await pages(api, user, f"/v1/conversations/{cid}/messages", tree="true")
+    assert len(tree) == 8
     # Bad: regenerate a user message, or another conversation's reply, or both message and regenerate_id.
     for body in (
         {"conversation_id": cid, "regenerate_id": question["id"]},
@@ -291,7 +300,7 @@ async def test_chat_edits_and_regenerates_on_branches(api: Api) -> None:
         {"conversation_id": cid, "message": "x", "parent_id": "01a2b3c4-0000-7000-8000-000000000000"},
     ):
         assert_problem(await api.client.post("/v1/chat", json=body, headers=auth(user)), 422, "validation_error")
-    assert len(await pages(api, user, f"/v1/conversations/{cid}/messages", tree="true")) == 7
+    assert len(await pages(api, user, f"/v1/conversations/{cid}/messages", tree="true")) == 8
 
 
 async def test_mcp_follows_the_active_branch_and_appends_with_parent_id(api: Api) -> None:
