@@ -171,7 +171,8 @@ async def _placed(conn: asyncpg.Connection, table: str, new: list[tuple[Any, ...
     known: dict[uuid.UUID, list[Any]] = {}  # id -> [run, depth, has a child]
     if parents:
         rows = await conn.fetch(
-            f"SELECT p.id, p.run, p.depth, EXISTS (SELECT FROM {table} AS c WHERE c.parent_id = p.id) "
+            f"SELECT p.id, p.run, p.depth, EXISTS (SELECT FROM {table} AS c "
+            f"WHERE c.conversation_id = p.conversation_id AND c.parent_id = p.id) "  # messages_parent
             f"FROM {table} AS p WHERE p.id = ANY($1::uuid[])",
             parents,
         )
