@@ -129,7 +129,7 @@ class ConversationsProjection:
         state: Mapping[uuid.UUID, Conversation | None],
     ) -> set[uuid.UUID]:
         """Streams without a row that were deleted before this batch (their later events are no-ops)."""
-        started = {e.stream_id for e in events if isinstance(e.event, ConversationStarted)}
+        started = {e.stream_id for e in events if isinstance(e.event, ConversationStarted | ConversationForked)}
         unknown = list({e.stream_id for e in events} - set(state) - started)
         if not unknown:
             return set()
@@ -171,8 +171,10 @@ async def _placed(conn: asyncpg.Connection, table: str, new: list[tuple[Any, ...
     known: dict[uuid.UUID, list[Any]] = {}  # id -> [run, depth, has a child]
     if parents:
         rows = await conn.fetch(
-            f"SELECT p.id, p.run, p.depth, EXISTS (SELECT FROM {table} AS c "
-            f"WHERE c.conversation_id = p.conversation_id AND c.parent_id = p.id) "  # messages_parent
+            # A first child always continues its parent's run: "has a child" is a probe of the
+            # unique messages_run_depth (which a replay's shadow tables keep too).
+            f"SELECT p.id, p.run, p.depth, "
+            f"EXISTS (SELECT FROM {table} AS c WHERE c.run = p.run AND c.depth = p.depth + 1) "
             f"FROM {table} AS p WHERE p.id = ANY($1::uuid[])",
             parents,
         )

@@ -144,6 +144,8 @@ async def chat(
     if key is not None:
         async with store.pool.acquire() as conn:
             prior = await prior_command(conn, user_id, key, idempotency.fingerprint)
+            if prior is None:  # the key of a regenerate (stored as its reply's only): another body
+                await prior_command(conn, user_id, reply_key(key), idempotency.fingerprint)
         if prior is not None:
             asked, conversation_id = prior.position, prior.stream_id
     if asked is None:

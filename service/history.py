@@ -162,7 +162,8 @@ async def fork(
             idempotency_key=idempotency.key,
             fingerprint=idempotency.fingerprint,
         )
-        heads.remember(result.stream_id, user_id, result.version, len(path), parent)
+        if not result.replayed:  # a concurrent retry's copies are not these
+            heads.remember(result.stream_id, user_id, result.version, len(path), parent)
         replay = result, await stored_events(store, user_id, result)
     result, stored = replay
     state = fold_stream(stored)

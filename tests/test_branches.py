@@ -198,6 +198,15 @@ async def test_time_travel_folds_the_log_up_to_a_position(api: Api) -> None:
     assert await contents(api, user, c["id"], as_of=edit["position"], tree="true") == ["one", "two", "two, again"]
     messages = await pages(api, user, f"{at}/messages", as_of=edit["position"], leaf_id=second["id"])
     assert [(m["content"], m["parent_id"]) for m in messages] == [("one", None), ("two", first["id"])]
+    r = await api.client.get(
+        f"{at}/messages", params={"as_of": edit["position"], "leaf_id": second["id"], "limit": 1}, headers=auth(user)
+    )
+    r = await api.client.get(
+        f"{at}/messages",
+        params={"as_of": edit["position"], "leaf_id": edit["id"], "cursor": r.json()["next_cursor"]},
+        headers=auth(user),
+    )
+    assert_problem(r, 422, "validation_error")  # a cursor of another branch
     # Before the conversation existed, and for another user: 404; a bad as_of: 422.
     assert_problem(await api.client.get(at, params={"as_of": c["position"] - 1}, headers=auth(user)), 404, "not_found")
     assert_problem(
@@ -289,6 +298,8 @@ async def test_chat_edits_and_regenerates_on_branches(api: Api) -> None:
     retry = await api.client.post("/v1/chat", json=body, headers=keyed)
     assert once.status_code == retry.status_code == 200 and retry.headers.get("Idempotent-Replayed") == "true"
     assert once.json()["messages"][1]["id"] == retry.json()["messages"][1]["id"]
+    other = await api.client.post("/v1/chat", json={"conversation_id": cid, "message": "another"}, headers=keyed)
+    assert_problem(other, 422, "idempotency_mismatch")  # the key was used for the regenerate: nothing stored
     tree = await pages(api, user, f"/v1/conversations/{cid}/messages", tree="true")
     assert len(tree) == 8
     # Bad: regenerate a user message, or another conversation's reply, or both message and regenerate_id.

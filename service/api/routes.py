@@ -321,7 +321,9 @@ async def list_messages(
     if tree and leaf_id is not None:
         raise BadRequest("give leaf_id or tree=true, not both", field="leaf_id")
     leaf = parse_uuid(leaf_id, "leaf_id") if leaf_id is not None else None
-    scope = f"messages:{cid}:{order}:{'tree' if tree else 'branch'}" + ("" if as_of is None else f":as_of:{as_of}")
+    scope = f"messages:{cid}:{order}:{'tree' if tree else 'branch'}"
+    if as_of is not None:  # its keyset is a place in one list: bound to the position and the leaf
+        scope += f":as_of:{as_of}:{leaf or ''}"
     after = state.cursors.decode(cursor, scope, user) if cursor is not None else None
     if as_of is not None:
         page, next_after = await history.messages_as_of(

@@ -303,6 +303,8 @@ async function send() {
       reply.article.querySelector(".body").append(note("Stopped. This reply was not saved."));
       announce("The reply was stopped.");
       if (!conversationId) await adoptNewConversation().catch(showError);
+      // An edit's message is stored, and its branch is the active one now: show it.
+      if (editing) await afterBranchChange(conversationId).catch(showError);
       return;
     }
     reply.article.remove();
@@ -318,6 +320,10 @@ async function send() {
       mine.remove();
       box.value = text; // not stored: give it back to edit
       growBox();
+      if (editing) {
+        state.editing = editing; // still an edit, of the text given back
+        $("editing").hidden = false;
+      }
     }
     announce("The reply failed.");
     showError(err);

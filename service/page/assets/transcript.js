@@ -26,6 +26,7 @@ export class Transcript {
     this.conversationId = conversationId;
     this.messages = new Map(); // id -> message, in the order shown (path order)
     this.children = null; // parent id ("" for none) -> its children in seq order, once the tree is known
+    this.messageCount = undefined; // the conversation's, as the list said when it was opened
     this.cursor = null;
     this.loading = null;
     this.list.replaceChildren();
@@ -51,6 +52,7 @@ export class Transcript {
    * sibling of them would then be among them, the oldest one's excepted, so a linear
    * conversation costs no request. */
   async loadTree(messageCount) {
+    this.messageCount = messageCount;
     const id = this.conversationId;
     if (!id || messageCount === 0 || messageCount > TREE_LIMIT) return;
     if (!this.cursor && this.messages.size === messageCount) return;
@@ -92,6 +94,7 @@ export class Transcript {
       const from = this.scroller.scrollHeight - this.scroller.scrollTop;
       this.loading = this.loadPage({ cursor: this.cursor })
         .then(() => (this.scroller.scrollTop = this.scroller.scrollHeight - from))
+        .then(() => this.children || this.messageCount === undefined || this.loadTree(this.messageCount))
         .catch((err) => this.onError(err))
         .finally(() => (this.loading = null));
     }
