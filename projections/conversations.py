@@ -270,15 +270,26 @@ def fold(conv: Conversation | None, e: RecordedEvent, *, deleted: bool = False) 
     return conv, message
 
 
-def branch(events: Sequence[RecordedEvent], leaf: uuid.UUID) -> list[RecordedEvent]:
-    """The messages of the branch that ends at `leaf`, first message first, from a stream's events
-    (a version-1 message follows the message appended before it)."""
+def parents_of(events: Sequence[RecordedEvent]) -> dict[uuid.UUID, tuple[RecordedEvent, uuid.UUID | None]]:
+    """Each message of a stream's events, with its parent (a version-1 message follows the message
+    appended before it)."""
     parents: dict[uuid.UUID, tuple[RecordedEvent, uuid.UUID | None]] = {}
     previous: uuid.UUID | None = None
     for e in events:
         if isinstance(e.event, MessageAppended):
             parents[e.event.message_id] = (e, upcast_parent(e.event, e.schema_version, previous))
             previous = e.event.message_id
+    return parents
+
+
+def branch(
+    events: Sequence[RecordedEvent],
+    leaf: uuid.UUID,
+    parents: dict[uuid.UUID, tuple[RecordedEvent, uuid.UUID | None]] | None = None,
+) -> list[RecordedEvent]:
+    """The messages of the branch that ends at `leaf`, first message first, from a stream's events
+    (or their `parents_of`, when the caller has it); empty if `leaf` is none of its messages."""
+    parents = parents_of(events) if parents is None else parents
     path: list[RecordedEvent] = []
     at: uuid.UUID | None = leaf
     while at is not None and at in parents:

@@ -198,14 +198,7 @@ async def _regenerated(store: EventStore, user_id: str, conversation_id: uuid.UU
         history = await read_stream(conn, store.keyring, user_id, conversation_id)
     if fold_stream(history) is None:
         raise NotFound(str(conversation_id))
-    path = next(
-        (
-            branch(history, reply_id)
-            for e in history
-            if isinstance(e.event, MessageAppended) and e.event.message_id == reply_id
-        ),
-        [],
-    )
+    path = branch(history, reply_id)
     if len(path) < 2 or not isinstance(path[-1].event, MessageAppended) or path[-1].event.role != "assistant":
         raise BadRequest("regenerate_id is not an assistant reply of this conversation", field="regenerate_id")
     return path[-2].position

@@ -9,11 +9,12 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from service.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
+    import asyncpg
     from litestar import Litestar
 
     from projections.base import Projection
@@ -52,12 +53,9 @@ async def _migrate(settings: Settings, revision: str, *, down: bool = False) -> 
 
 
 async def _check_master_keys(url: str, keyring: Keyring) -> None:
-    import asyncpg
-
-    from service.connections import connect_args
     from service.sealing import check_master_keys
 
-    conn = await asyncpg.connect(**connect_args(url))
+    conn = await _connected(url)
     try:
         if await conn.fetchval("SELECT to_regclass('data_keys') IS NOT NULL"):
             await check_master_keys(conn, keyring)
@@ -67,12 +65,9 @@ async def _check_master_keys(url: str, keyring: Keyring) -> None:
 
 async def _settle_clock(url: str) -> None:
     """Keep the log's ids rising if it was restored into (or moved to) another server."""
-    import asyncpg
-
     from service import clock
-    from service.connections import connect_args
 
-    conn = await asyncpg.connect(**connect_args(url))
+    conn = await _connected(url)
     try:
         await clock.settle(conn)
     finally:
@@ -253,11 +248,7 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _count_events(url: str) -> int:
-    import asyncpg
-
-    from service.connections import connect_args
-
-    conn = await asyncpg.connect(**connect_args(url))
+    conn = await _connected(url)
     try:
         return int(await conn.fetchval("SELECT count(*) FROM events"))
     finally:
@@ -306,7 +297,8 @@ def _database(settings: Settings) -> str:
     return settings.database_url
 
 
-async def _connected(url: str) -> Any:
+async def _connected(url: str) -> asyncpg.Connection:
+    """A connection of the command's own (the CLI's short tasks need no pool)."""
     import asyncpg
 
     from service.connections import connect_args

@@ -421,6 +421,26 @@ async def stream_key(conn: asyncpg.Connection, keyring: Keyring, stream_id: uuid
     return None if row is None else keyring.unwrap(stream_id, row[0], row[1])
 
 
+def starts_stream(draft: Prepared) -> bool:
+    """Whether the command must make a new stream (so its stream has no key to look up)."""
+    return draft.expected_version == 0 or draft.types[0] in STARTS_STREAM
+
+
+async def data_key(
+    conn: asyncpg.Connection, keyring: Keyring, stream_id: uuid.UUID, *, new_stream: bool
+) -> tuple[AESGCM, tuple[bytes, str] | None]:
+    """The key to seal a command with: its stream's (read from the database), or, for a stream that
+    has none yet, a new one with its wrapped form and master key id. NotFound for a stream that
+    exists and has no key left (erased); a command that makes a new stream asks nothing."""
+    if not new_stream:
+        aead = await stream_key(conn, keyring, stream_id)
+        if aead is not None:
+            return aead, None
+        if await conn.fetchval(_EXISTS, stream_id):
+            raise NotFound(str(stream_id))  # erased
+    return keyring.new_stream_key(stream_id)
+
+
 async def append(
     conn: asyncpg.Connection,
     keyring: Keyring,
@@ -451,18 +471,13 @@ async def append(
       (or `VersionConflict` for `expected_version=0`: that stream id is taken).
     """
     draft = prepare(user_id, stream_id, events, **options)
+    new_stream = starts_stream(draft)
     for _ in range(MAX_APPEND_ATTEMPTS):
-        existing = None if draft.expected_version == 0 else await stream_key(conn, keyring, stream_id)
-        new_key = None
-        if existing is None:
-            existing, wrapped = keyring.new_data_key(stream_id)
-            new_key = (wrapped, keyring.current_id)
-        prepared = draft.sealed_with(existing, new_key)
+        prepared = draft.sealed_with(*await data_key(conn, keyring, stream_id, new_stream=new_stream))
         try:
             return await append_prepared(conn, prepared, heads=heads)
-        except NewStreamRefused:
-            if await stream_key(conn, keyring, stream_id) is None:
-                raise NotFound(str(stream_id)) from None
+        except NewStreamRefused:  # someone started the stream first: seal under its key
+            new_stream = False
     raise RuntimeError(f"append to stream {stream_id} lost {MAX_APPEND_ATTEMPTS} races in a row")
 
 
@@ -1019,7 +1034,7 @@ class EventStore:
         once committed; with group commit, in a transaction shared with the commands that
         arrive together."""
         draft = prepare(user_id, stream_id, events, **options)
-        new_stream = draft.expected_version == 0 or draft.types[0] in STARTS_STREAM
+        new_stream = starts_stream(draft)
         self._appending += 1
         self._quiet.clear()
         try:
@@ -1048,22 +1063,18 @@ class EventStore:
         return result
 
     async def _data_key(self, stream_id: uuid.UUID, *, new_stream: bool) -> tuple[AESGCM, tuple[bytes, str] | None]:
-        """The stream's data key (remembered, or read from the database), or a new one (and its
-        wrapped form) for a stream that has none yet. NotFound for a stream that exists and has
-        no key left (erased); a command that makes a new stream asks nothing."""
-        if not new_stream:
-            aead = self.keyring.writing_key(stream_id)
-            if aead is not None:
-                return aead, None
-            async with self.pool.acquire() as conn:
-                aead = await stream_key(conn, self.keyring, stream_id)
-                if aead is None and await conn.fetchval(_EXISTS, stream_id):
-                    raise NotFound(str(stream_id))  # erased
-            if aead is not None:
-                self.keyring.remember_writing_key(stream_id, aead)
-                return aead, None
-        aead, wrapped = self.keyring.new_data_key(stream_id)
-        return aead, (wrapped, self.keyring.current_id)
+        """`data_key`, with the keys of streams this process appended to remembered (and no
+        connection taken for a new stream: an idle store sends a lone append at once)."""
+        if new_stream:
+            return self.keyring.new_stream_key(stream_id)
+        remembered = self.keyring.writing_key(stream_id)
+        if remembered is not None:
+            return remembered, None
+        async with self.pool.acquire() as conn:
+            aead, new_key = await data_key(conn, self.keyring, stream_id, new_stream=new_stream)
+        if new_key is None:
+            self.keyring.remember_writing_key(stream_id, aead)
+        return aead, new_key
 
     def forget(self, stream_id: uuid.UUID) -> None:
         """Forget what this process remembers of a stream (its head, its key): it is being erased."""

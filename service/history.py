@@ -10,7 +10,7 @@ from typing import Any, Final
 
 import msgspec
 
-from projections.conversations import Conversation, branch, fold_stream
+from projections.conversations import Conversation, branch, fold_stream, parents_of
 from service import shapes
 from service.commands import (
     ConversationHeads,
@@ -21,7 +21,7 @@ from service.commands import (
     stored_events,
 )
 from service.errors import BadRequest
-from service.events import ConversationForked, MessageAppended, upcast_parent
+from service.events import ConversationForked, MessageAppended
 from service.eventstore import EventStore, NotFound, RecordedEvent, read_stream
 from service.ids import uuid7
 
@@ -73,19 +73,14 @@ async def messages_as_of(
     """A page of the conversation's messages as they were at `position`: the branch that was
     active then (or ends at `leaf_id`), or the whole tree; the keyset is the index in that list."""
     state, upto = await _as_of(store, user_id, conversation_id, position)
-    parents: dict[uuid.UUID, uuid.UUID | None] = {}
-    previous: uuid.UUID | None = None
-    for e in upto:
-        if isinstance(e.event, MessageAppended):
-            parents[e.event.message_id] = upcast_parent(e.event, e.schema_version, previous)
-            previous = e.event.message_id
+    parents = parents_of(upto)
     if tree:
         listed = [e for e in upto if isinstance(e.event, MessageAppended)]
     else:
         leaf = leaf_id or state.active_leaf_id
         if leaf_id is not None and leaf_id not in parents:
             raise BadRequest("leaf_id is not a message of this conversation at that position", field="leaf_id")
-        listed = branch(upto, leaf) if leaf is not None else []
+        listed = branch(upto, leaf, parents) if leaf is not None else []
     if descending:
         listed = listed[::-1]
     start = 0
@@ -95,7 +90,7 @@ async def messages_as_of(
         start = after[0]
     chosen = listed[start : start + limit]
     page = [
-        message_view(e.event, e.stream_id, e.position, e.recorded_at, parents[e.event.message_id])
+        message_view(e.event, e.stream_id, e.position, e.recorded_at, parents[e.event.message_id][1])
         for e in chosen
         if isinstance(e.event, MessageAppended)
     ]

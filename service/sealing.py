@@ -141,6 +141,12 @@ class Keyring:
         key = AESGCM.generate_key(bit_length=256)
         return AESGCM(key), self.wrap(stream_id, key)
 
+    def new_stream_key(self, stream_id: uuid.UUID) -> tuple[AESGCM, tuple[bytes, str]]:
+        """A fresh data key as a new stream's append carries it: with its wrapped form and the
+        id of the master key that wrapped it."""
+        aead, wrapped = self.new_data_key(stream_id)
+        return aead, (wrapped, self.current_id)
+
     def wrap(self, stream_id: uuid.UUID, key: bytes, master_id: str | None = None) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
         master = self._masters[master_id or self.current_id]

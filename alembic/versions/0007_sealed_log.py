@@ -61,6 +61,12 @@ CREATE TABLE events (
 )
 """
 
+# The log's append-only trigger (0001), on whichever `events` table is the log.
+_APPEND_ONLY = (
+    "CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON events "
+    "FOR EACH STATEMENT EXECUTE FUNCTION events_reject_change()"
+)
+
 _INDEXES = (
     "CREATE INDEX events_user_recorded_at ON events (user_id, recorded_at)",
     "CREATE INDEX events_tx_position ON events (tx_id, position)",
@@ -119,12 +125,7 @@ def upgrade() -> None:
     await_only(conn.execute("DROP TABLE events_clear"))
     for statement in _INDEXES:
         await_only(conn.execute(statement))
-    await_only(
-        conn.execute(
-            "CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON events "
-            "FOR EACH STATEMENT EXECUTE FUNCTION events_reject_change()"
-        )
-    )
+    await_only(conn.execute(_APPEND_ONLY))
 
 
 def _keyring() -> Any:
@@ -278,8 +279,7 @@ def downgrade() -> None:
         *_INDEXES,
         "CREATE UNIQUE INDEX events_user_idempotency_key ON events (user_id, idempotency_key) "
         "WHERE idempotency_key IS NOT NULL",
-        "CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON events "
-        "FOR EACH STATEMENT EXECUTE FUNCTION events_reject_change()",
+        _APPEND_ONLY,
         "DROP TABLE erasures",
         "DROP TABLE idempotency_keys",
         "DROP TABLE data_keys",
