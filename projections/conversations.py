@@ -25,6 +25,7 @@ import asyncpg
 import msgspec
 
 from projections.base import ProjectionError
+from service.citus import is_distributed
 from service.events import (
     BranchSelected,
     ConversationDeleted,
@@ -113,7 +114,7 @@ class ConversationsProjection:
             await conn.execute(f"DELETE FROM {conversations} WHERE id = ANY($1::uuid[])", gone)
         live = [c for sid in dirty if (c := state[sid]) is not None]
         if live:
-            await conn.execute(_upsert(conversations), *_columns(live))
+            await conn.execute(_upsert(conversations, await is_distributed(conn)), *_columns(live))
         placed = await _placed(conn, messages, new_messages)
         kept = [m for m in placed if state[m[1]] is not None]
         if kept:
@@ -145,17 +146,27 @@ class ConversationsProjection:
 
 
 async def erase_rows(
-    conn: asyncpg.Connection, names: Mapping[str, str], stream_ids: Sequence[uuid.UUID] | None
+    conn: asyncpg.Connection,
+    names: Mapping[str, str],
+    stream_ids: Sequence[uuid.UUID] | None,
+    user_id: str | None = None,
 ) -> None:
-    """Delete the rows (search vectors with them) of these conversations, or, for None, of every
-    conversation in the erasure ledger."""
+    """Delete the rows (search vectors with them) of these conversations of `user_id`, or, for
+    None, of every conversation in the erasure ledger."""
     messages, conversations = names["messages"], names["conversations"]
     if stream_ids is None:
-        await conn.execute(f"DELETE FROM {messages} WHERE conversation_id IN (SELECT stream_id FROM erasures)")
-        await conn.execute(f"DELETE FROM {conversations} WHERE id IN (SELECT stream_id FROM erasures)")
+        await conn.execute(
+            f"DELETE FROM {messages} WHERE (user_id, conversation_id) IN (SELECT user_id, stream_id FROM erasures)"
+        )
+        await conn.execute(
+            f"DELETE FROM {conversations} WHERE (user_id, id) IN (SELECT user_id, stream_id FROM erasures)"
+        )
     else:
-        await conn.execute(f"DELETE FROM {messages} WHERE conversation_id = ANY($1::uuid[])", list(stream_ids))
-        await conn.execute(f"DELETE FROM {conversations} WHERE id = ANY($1::uuid[])", list(stream_ids))
+        ids = list(stream_ids)
+        await conn.execute(
+            f"DELETE FROM {messages} WHERE user_id = $2 AND conversation_id = ANY($1::uuid[])", ids, user_id
+        )
+        await conn.execute(f"DELETE FROM {conversations} WHERE user_id = $2 AND id = ANY($1::uuid[])", ids, user_id)
 
 
 async def _placed(conn: asyncpg.Connection, table: str, new: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -174,7 +185,8 @@ async def _placed(conn: asyncpg.Connection, table: str, new: list[tuple[Any, ...
             # A first child always continues its parent's run: "has a child" is a probe of the
             # unique messages_run_depth (which a replay's shadow tables keep too).
             f"SELECT p.id, p.run, p.depth, "
-            f"EXISTS (SELECT FROM {table} AS c WHERE c.run = p.run AND c.depth = p.depth + 1) "
+            f"EXISTS (SELECT FROM {table} AS c "
+            f"WHERE c.user_id = p.user_id AND c.run = p.run AND c.depth = p.depth + 1) "
             f"FROM {table} AS p WHERE p.id = ANY($1::uuid[])",
             parents,
         )
@@ -314,7 +326,9 @@ def _columns(convs: list[Conversation]) -> list[list[Any]]:
     return [list(column) for column in zip(*(msgspec.structs.astuple(c) for c in convs), strict=True)]
 
 
-def _upsert(table: str) -> str:
+def _upsert(table: str, distributed: bool) -> str:
+    """The upsert of conversation rows; on Citus their key includes `user_id` (service/citus.py)."""
+    key = "user_id, id" if distributed else "id"
     return f"""
     INSERT INTO {table} (id, user_id, title, metadata, created_at, updated_at, message_count,
                          last_message_preview, version, last_position, active_leaf_id, last_message_id,
@@ -328,7 +342,7 @@ def _upsert(table: str) -> str:
          AS c(id, user_id, title, metadata, created_at, updated_at, message_count,
               last_message_preview, version, last_position, active_leaf_id, last_message_id,
               forked_from_conversation, forked_from_message)
-    ON CONFLICT (id) DO UPDATE SET
+    ON CONFLICT ({key}) DO UPDATE SET
         title = excluded.title, metadata = excluded.metadata, updated_at = excluded.updated_at,
         message_count = excluded.message_count, last_message_preview = excluded.last_message_preview,
         version = excluded.version, last_position = excluded.last_position,

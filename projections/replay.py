@@ -32,7 +32,8 @@ import asyncpg
 import msgspec
 
 from projections.base import Projection
-from projections.worker import ProjectionFailed, ensure_checkpoint, lock_key
+from projections.worker import ProjectionFailed, ensure_checkpoint, lock_key, mark_all_users
+from service.citus import is_distributed
 from service.connections import connect_args
 from service.eventstore import Checkpoint, RecordedEvent, read_all
 from service.sealing import Keyring
@@ -112,6 +113,11 @@ async def _create_shadow(conn: asyncpg.Connection, projection: Projection, suffi
             for name, definition in await conn.fetch(_READERS_INDEXES, names[table]):
                 await conn.execute(f'DROP INDEX "{name}"')
                 deferred.append(definition)
+    if await is_distributed(conn):  # shards beside the log's, as the live tables'
+        for table in projection.tables:
+            await conn.execute(
+                "SELECT create_distributed_table($1, 'user_id', colocate_with => 'events')", names[table]
+            )
     return Shadow(names, deferred)
 
 
@@ -139,10 +145,11 @@ async def _complete(connections: Sequence[asyncpg.Connection], projection: Proje
     for outcome in await asyncio.gather(*(build(conn) for conn in connections), return_exceptions=True):
         if isinstance(outcome, BaseException):
             raise outcome  # once no build is running on any connection
+    owner = "user_id, " if await is_distributed(connections[0]) else ""  # Citus: keys include user_id
     for child, column, parent, on_delete in projection.foreign_keys:
         await connections[0].execute(
-            f"ALTER TABLE {shadow.names[child]} ADD FOREIGN KEY ({column}) "
-            f"REFERENCES {shadow.names[parent]} (id) ON DELETE {on_delete}"
+            f"ALTER TABLE {shadow.names[child]} ADD FOREIGN KEY ({owner}{column}) "
+            f"REFERENCES {shadow.names[parent]} ({owner}id) ON DELETE {on_delete}"
         )
     # Statistics too: swapped in without them, the tables would be planned on default estimates
     # (a search for a common word scanning the text index across all users) until autovacuum
@@ -304,6 +311,7 @@ async def replay(
                         main, keyring, projection, shadow.names, checkpoint, until=None, batch_size=batch_size
                     )
                     await _swap(main, projection, shadow.names)
+                    await mark_all_users(main, projection.name, checkpoint)
                     await main.execute(
                         "UPDATE projection_checkpoints SET tx_id = $2::xid8, position = $3, updated_at = now(), "
                         "error = NULL, failed_position = NULL WHERE name = $1",

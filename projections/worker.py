@@ -21,13 +21,14 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final
 
 import asyncpg
 import msgspec
 
 from projections.base import Projection, ProjectionError
+from service.citus import is_distributed
 from service.connections import DATABASE_UNAVAILABLE, connect_args
 from service.eventstore import NOTIFY_CHANNEL, Checkpoint, RecordedEvent, read_all
 from service.sealing import Keyring
@@ -100,6 +101,7 @@ async def apply_batch(
             return 0
         applied = await _apply(conn, projection, events, names)
         if applied is None:
+            await mark_users(conn, projection.name, {e.user_id for e in events}, events[-1].checkpoint)
             await _save_checkpoint(conn, projection.name, events[-1].checkpoint)
             if before_commit is not None:
                 await before_commit(events)
@@ -110,6 +112,7 @@ async def apply_batch(
             if failure is not None:
                 await record_failure(conn, projection.name, failure)
                 break
+            await mark_users(conn, projection.name, {event.user_id}, event.checkpoint)
             await _save_checkpoint(conn, projection.name, event.checkpoint)
     assert failure is not None
     raise failure
@@ -128,6 +131,34 @@ async def _apply(
         position = exc.position if isinstance(exc, ProjectionError) else events[0].position
         return ProjectionFailed(projection.name, position, f"{type(exc).__name__}: {exc}")
     return None
+
+
+_MARK: Final = """
+INSERT INTO projection_marks (user_id, name, tx_id, position)
+SELECT user_id, $2, $3::xid8, $4 FROM unnest($1::text[]) AS u(user_id)
+ON CONFLICT (user_id, name) DO UPDATE SET tx_id = excluded.tx_id, position = excluded.position
+"""
+
+
+async def mark_users(conn: asyncpg.Connection, name: str, users: Iterable[str], checkpoint: Checkpoint) -> None:
+    """On Citus, where a batch that spans workers commits in two phases: the checkpoint beside each
+    of the batch's users' rows, on their shard, so that a reader who sees it there sees the rows
+    too (`service.queries.wait_until_readable`). On one server the checkpoint row says it all."""
+    if await is_distributed(conn):
+        await conn.execute(_MARK, sorted(users), name, checkpoint.tx_id, checkpoint.position)
+
+
+async def mark_all_users(conn: asyncpg.Connection, name: str, checkpoint: Checkpoint) -> None:
+    """`mark_users` for every user of the log: a replay has folded them all up to `checkpoint`."""
+    if await is_distributed(conn):
+        await conn.execute(
+            "INSERT INTO projection_marks (user_id, name, tx_id, position) "
+            "SELECT user_id, $1, $2::xid8, $3 FROM events GROUP BY user_id "
+            "ON CONFLICT (user_id, name) DO UPDATE SET tx_id = excluded.tx_id, position = excluded.position",
+            name,
+            checkpoint.tx_id,
+            checkpoint.position,
+        )
 
 
 async def _save_checkpoint(conn: asyncpg.Connection, name: str, checkpoint: Checkpoint) -> None:

@@ -84,8 +84,15 @@ def head_revision() -> str:
 
 async def migrate(engine: AsyncEngine, revision: str = "head", *, keyring: Keyring | None = None) -> None:
     """Upgrade the schema to `revision`, serialized by an advisory lock across processes.
-    Sealing a log that holds events (0007) needs the master key: `keyring`."""
+    Sealing a log that holds events (0007) needs the master key: `keyring`. At head, a database
+    with the `citus` extension is then distributed (service/citus.py), once."""
     await _run_alembic(engine, lambda cfg: command.upgrade(cfg, revision), keyring)
+    if revision == "head":
+        from service.citus import distribute
+
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            await distribute(raw.driver_connection)
 
 
 async def downgrade(engine: AsyncEngine, revision: str = "base", *, keyring: Keyring | None = None) -> None:

@@ -22,8 +22,10 @@ import asyncpg
 import msgspec
 
 from projections.conversations import erase_rows
+from service.citus import is_distributed
 from service.events import ConversationDeleted
 from service.eventstore import (
+    ERASURES_LOCK,
     NotFound,
     StaleTransaction,
     VersionConflict,
@@ -66,6 +68,7 @@ async def erase_conversation(
     for _ in range(MAX_RETRIES):
         try:
             async with conn.transaction():
+                await _exclude_batches(conn)
                 if not await conn.fetch(
                     "SELECT FROM data_keys WHERE stream_id = $1 AND user_id = $2 FOR UPDATE", stream_id, user_id
                 ):
@@ -96,6 +99,7 @@ async def erase_user(conn: asyncpg.Connection, user_id: str, erased: list[uuid.U
     for _ in range(MAX_RETRIES):
         try:
             async with conn.transaction():
+                await _exclude_batches(conn)
                 keyed = [
                     r[0]
                     for r in await conn.fetch(
@@ -104,8 +108,9 @@ async def erase_user(conn: asyncpg.Connection, user_id: str, erased: list[uuid.U
                 ]
                 heads = await conn.fetch(
                     "SELECT DISTINCT ON (stream_id) stream_id, stream_version FROM events "
-                    "WHERE stream_id = ANY($1::uuid[]) ORDER BY stream_id, stream_version DESC",
+                    "WHERE user_id = $2 AND stream_id = ANY($1::uuid[]) ORDER BY stream_id, stream_version DESC",
                     keyed,
+                    user_id,
                 )
                 positions = await _erase(conn, user_id, [(r[0], r[1]) for r in heads])
                 erased[:] = [r[0] for r in heads]
@@ -136,9 +141,10 @@ async def _erase(conn: asyncpg.Connection, user_id: str, streams: Sequence[tuple
             ],
         )
     ids = [stream_id for stream_id, _ in streams]
-    await conn.execute("DELETE FROM data_keys WHERE stream_id = ANY($1::uuid[])", ids)
-    await conn.execute("DELETE FROM idempotency_keys WHERE stream_id = ANY($1::uuid[])", ids)
-    await erase_rows(conn, {"messages": "messages", "conversations": "conversations"}, ids)
+    # Every statement names the user: on Citus it then stays on the user's shard (service/citus.py).
+    await conn.execute("DELETE FROM data_keys WHERE user_id = $2 AND stream_id = ANY($1::uuid[])", ids, user_id)
+    await conn.execute("DELETE FROM idempotency_keys WHERE user_id = $2 AND stream_id = ANY($1::uuid[])", ids, user_id)
+    await erase_rows(conn, {"messages": "messages", "conversations": "conversations"}, ids, user_id)
     await conn.execute(
         "INSERT INTO erasures (user_id, stream_id, position) SELECT $1, * FROM unnest($2::uuid[], $3::bigint[])",
         user_id,
@@ -146,6 +152,13 @@ async def _erase(conn: asyncpg.Connection, user_id: str, streams: Sequence[tuple
         positions,
     )
     return positions
+
+
+async def _exclude_batches(conn: asyncpg.Connection) -> None:
+    """On Citus, wait for the projection batches that hold keys (see `eventstore.read_all`); on one
+    server the keys' row locks do it."""
+    if await is_distributed(conn):
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", ERASURES_LOCK)
 
 
 async def owner_of(conn: asyncpg.Connection, stream_id: uuid.UUID) -> str | None:

@@ -29,6 +29,7 @@ import asyncpg
 import msgspec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from service.citus import constraint_name, is_distributed
 from service.connections import DATABASE_UNAVAILABLE, ConnectionPool
 from service.events import (
     CLEAN_TEXT,
@@ -205,6 +206,98 @@ def _statement(columns: list[list[Any]]) -> tuple[str, list[list[Any]]]:
     return _APPEND_PLAIN, columns[:11]
 
 
+async def _insert(conn: asyncpg.Connection, columns: list[list[Any]]) -> list[Any]:
+    """Insert the commands of `_columns` (each only if its checks hold); the rows inserted, as
+    (event_id, position, stream_version, recorded_at)."""
+    if await is_distributed(conn):
+        return await _insert_distributed(conn, columns)
+    statement, args = _statement(columns)
+    rows: list[Any] = await conn.fetch(statement, *args)
+    return rows
+
+
+# On Citus (service/citus.py) the single statement cannot run: a lateral join of the arguments
+# with `events` is no join on the distribution column. The same checks run as a few statements
+# in one transaction on the commands' one shard: the heads, the owners and the used keys are
+# read, the commands whose checks hold are inserted. What the single statement's snapshot gave,
+# the unique indexes give here: a command that lost a race fails the insert and goes alone.
+_HEADS_DISTRIBUTED = """
+SELECT stream_id, max(stream_version), max(tx_id::text::numeric) FROM events
+WHERE user_id = ANY($1::text[]) AND stream_id = ANY($2::uuid[]) GROUP BY user_id, stream_id
+"""
+_OWNERS = "SELECT stream_id, user_id FROM stream_owners WHERE stream_id = ANY($1::uuid[])"
+_CLAIM = """
+INSERT INTO stream_owners (stream_id, user_id) SELECT * FROM unnest($1::uuid[], $2::text[])
+ON CONFLICT (stream_id) DO NOTHING
+"""
+_USED_KEYS = "SELECT key_digest FROM idempotency_keys WHERE user_id = ANY($1::text[]) AND key_digest = ANY($2::bytea[])"
+_INSERT_DISTRIBUTED = """
+INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, sealed, metadata)
+SELECT e.event_id, e.stream_id, e.stream_version, e.user_id, e.type, e.data::jsonb, e.sealed, e.metadata::jsonb
+FROM unnest($1::uuid[], $2::uuid[], $3::integer[], $4::text[], $5::text[], $6::text[], $7::bytea[], $8::text[])
+     AS e(event_id, stream_id, stream_version, user_id, type, data, sealed, metadata)
+RETURNING event_id, position, stream_version, recorded_at
+"""
+_KEYS_DISTRIBUTED = """
+INSERT INTO data_keys (stream_id, user_id, wrapped, master_id)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::text[])
+"""
+_IDEMPOTENCY_DISTRIBUTED = """
+INSERT INTO idempotency_keys (user_id, key_digest, fingerprint, stream_id, first_version, event_count)
+SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::uuid[], $5::integer[], $6::integer[])
+"""
+
+
+async def _insert_distributed(conn: asyncpg.Connection, columns: list[list[Any]]) -> list[Any]:
+    (event_ids, stream_ids, user_ids, types, datas, sealeds, metadatas, ords, ats, expecteds, new_streams,
+     digests, fingerprints, wrappeds, masters, counts) = columns  # fmt: skip
+    starts = [i for i, ord_ in enumerate(ords) if ord_ == 1]  # each command's first row
+    claims = [i for i in starts if new_streams[i]]
+    if claims and not conn.is_in_transaction():
+        # A new stream's id is claimed first, in a transaction of its own (its shard is the id's,
+        # not the user's): two users cannot both start it, and the log's transaction stays on one shard.
+        await conn.execute(_CLAIM, [stream_ids[i] for i in claims], [user_ids[i] for i in claims])
+    users = sorted({user_ids[i] for i in starts})
+    async with conn.transaction():
+        now = int(await conn.fetchval("SELECT chatlog_xact_id()"))
+        looked_up = [stream_ids[i] for i in starts if ats[i] is None]
+        heads = {r[0]: (r[1], int(r[2])) for r in await conn.fetch(_HEADS_DISTRIBUTED, users, looked_up)}
+        owners = dict(await conn.fetch(_OWNERS, [stream_ids[i] for i in starts]))
+        keyed = [digests[i] for i in starts if digests[i] is not None]
+        used = {r[0] for r in await conn.fetch(_USED_KEYS, users, keyed)} if keyed else set()
+        rows: list[tuple[Any, ...]] = []
+        new_keys: list[tuple[Any, ...]] = []
+        records: list[tuple[Any, ...]] = []
+        for n, first in enumerate(starts):
+            end = starts[n + 1] if n + 1 < len(starts) else len(ords)
+            stream, user = stream_ids[first], user_ids[first]
+            head_version, head_tx = heads.get(stream, (0, None)) if ats[first] is None else (ats[first], None)
+            if owners.get(stream, user) != user:
+                continue
+            if expecteds[first] is not None and head_version != expecteds[first]:
+                continue
+            if (new_streams[first] and head_version != 0) or (head_tx is not None and head_tx >= now):
+                continue
+            if digests[first] is not None and digests[first] in used:
+                continue
+            for i in range(first, end):
+                rows.append((event_ids[i], stream, head_version + ords[i], user, types[i], datas[i], sealeds[i],
+                             metadatas[i]))  # fmt: skip
+            if wrappeds[first] is not None:
+                new_keys.append((stream, user, wrappeds[first], masters[first]))
+            if fingerprints[first] is not None:
+                records.append((user, digests[first], fingerprints[first], stream, head_version + 1, counts[first]))
+        if not rows:
+            return []
+        rows.sort(key=lambda r: (r[1], r[2]))  # by stream, so that batches lock in one order
+        inserted = await conn.fetch(_INSERT_DISTRIBUTED, *map(list, zip(*rows, strict=True)))
+        if new_keys:
+            await conn.execute(_KEYS_DISTRIBUTED, *map(list, zip(*new_keys, strict=True)))
+        if records:
+            await conn.execute(_IDEMPOTENCY_DISTRIBUTED, *map(list, zip(*records, strict=True)))
+    return list(inserted)
+
+
 _EXISTS = "SELECT EXISTS (SELECT FROM events WHERE stream_id = $1)"
 
 _BY_EVENT_IDS = (
@@ -215,7 +308,7 @@ _BY_EVENT_IDS = (
 _PRIOR_COMMAND = """
 SELECT e.position, e.stream_version, i.fingerprint, e.recorded_at, e.stream_id
 FROM idempotency_keys AS i
-JOIN events AS e ON e.stream_id = i.stream_id
+JOIN events AS e ON e.user_id = i.user_id AND e.stream_id = i.stream_id
                 AND e.stream_version >= i.first_version AND e.stream_version < i.first_version + i.event_count
 WHERE i.user_id = $1 AND i.key_digest = $2
 ORDER BY e.position
@@ -226,34 +319,44 @@ _COLUMNS = (
     "e.position, e.event_id, e.stream_id, e.stream_version, e.user_id, e.type, e.data::text, e.sealed, "
     "e.metadata::text, e.recorded_at, e.tx_id, k.wrapped, k.master_id"
 )
-_FROM = "FROM events AS e LEFT JOIN data_keys AS k ON k.stream_id = e.stream_id AND e.sealed IS NOT NULL"
+_FROM = (
+    "FROM events AS e LEFT JOIN data_keys AS k "
+    "ON k.stream_id = e.stream_id AND k.user_id = e.user_id AND e.sealed IS NOT NULL"
+)
 
 _READ_STREAM = (
     f"SELECT {_COLUMNS} {_FROM} WHERE e.stream_id = $1 AND e.user_id = $2 "
     "AND e.stream_version > $3 AND e.position <= $4 ORDER BY e.stream_version"
 )
 
-# DESIGN.md's rule: (tx_id, position) order, below the oldest running transaction.
+# DESIGN.md's rule: (tx_id, position) order, below the oldest running transaction. The horizon
+# is taken once, in a materialized CTE: on Citus that runs on the coordinator, whose transaction
+# ids the log holds (a function in the WHERE clause would run on each worker, against its own).
 _READ_ALL = f"""
-SELECT {_COLUMNS} {_FROM}
+WITH horizon AS MATERIALIZED (SELECT chatlog_horizon() AS tx_id)
+SELECT {_COLUMNS} {_FROM}, horizon
 WHERE (e.tx_id, e.position) > ($1::xid8, $2::bigint)
-  AND e.tx_id < chatlog_horizon()
+  AND e.tx_id < horizon.tx_id
 ORDER BY e.tx_id, e.position
 LIMIT $3
 """
 
 _READ_USER = f"""
-SELECT {_COLUMNS} {_FROM}
+WITH horizon AS MATERIALIZED (SELECT chatlog_horizon() AS tx_id)
+SELECT {_COLUMNS} {_FROM}, horizon
 WHERE e.user_id = $4
   AND (e.tx_id, e.position) > ($1::xid8, $2::bigint)
-  AND e.tx_id < chatlog_horizon()
+  AND e.tx_id < horizon.tx_id
 ORDER BY e.tx_id, e.position
 LIMIT $3
 """
 
 # The worker holds the keys of the streams it folds until its batch commits: an erasure waits
-# for it (and then deletes what it wrote), or has committed and the batch sees no key.
+# for it (and then deletes what it wrote), or has committed and the batch sees no key. Citus
+# locks rows only in a query on one shard: there the batch holds, from before its read, a shared
+# advisory lock on the coordinator that an erasure takes exclusively (ERASURES_LOCK).
 _HOLD_KEYS = "SELECT stream_id FROM data_keys WHERE stream_id = ANY($1::uuid[]) ORDER BY stream_id FOR KEY SHARE"
+ERASURES_LOCK: Final = 0x63686C65  # "chle"
 
 
 def validate_user_id(user_id: str) -> None:
@@ -519,26 +622,27 @@ async def append_prepared(
                 _check_head(stream_id, user_id, expected_version, owner, version, exact=False)
             if expected_version is None or expected_version == version:
                 at = version
-        statement, args = _statement(_columns([(prepared, at)]))
+        columns = _columns([(prepared, at)])
         try:
             if in_transaction:
                 async with conn.transaction():  # a savepoint, so that a lost race can be retried
-                    rows = await conn.fetch(statement, *args)
+                    rows = await _insert(conn, columns)
             else:
-                rows = await conn.fetch(statement, *args)
+                rows = await _insert(conn, columns)
         except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name == "idempotency_keys_pkey":
+            constraint = constraint_name(exc.constraint_name)
+            if constraint == "idempotency_keys_pkey":
                 assert idempotency_key is not None and fingerprint is not None
                 replayed = await _prior(conn, user_id, idempotency_key, fingerprint, prepared.idempotency_key)
                 if replayed is not None:
                     return replayed
-            elif exc.constraint_name == "events_event_id_key":
+            elif constraint == "events_event_id_key":
                 # These very events committed meanwhile: an earlier try whose answer was lost.
                 landed = await landed_before(conn, prepared)
                 if landed is not None:
                     return landed
                 raise
-            elif exc.constraint_name not in ("events_stream_version_key", "data_keys_pkey"):
+            elif constraint not in ("events_stream_version_key", "data_keys_pkey"):
                 raise
             # Lost a race, or the remembered head was stale; the winner has committed (the
             # unique index waited for it).
@@ -564,6 +668,10 @@ async def append_prepared(
             if replayed is not None:
                 return replayed
         head = await conn.fetchrow(_HEAD, stream_id)
+        if head is None and await is_distributed(conn):  # a stream claimed but not yet written
+            owner = await conn.fetchval("SELECT user_id FROM stream_owners WHERE stream_id = $1", stream_id)
+            if owner is not None and owner != user_id:
+                _check_head(stream_id, user_id, expected_version, owner, 0, exact=True)
         if head is not None:
             if heads is not None:
                 heads.remember(stream_id, head[1], head[0])
@@ -588,9 +696,8 @@ async def append_all(conn: asyncpg.Connection, commands: Sequence[Prepared]) -> 
         return []
     # Each stream's head is looked up (not taken from the expected version), so that the order
     # rule holds too: a stream written by a newer transaction skips its command.
-    statement, args = _statement(_columns([(p, None) for p in commands]))
     try:
-        rows = await conn.fetch(statement, *args)
+        rows = await _insert(conn, _columns([(p, None) for p in commands]))
     except asyncpg.UniqueViolationError:
         raise VersionConflict(-1, -1) from None  # a stream moved on (and the transaction is lost)
     if len(rows) != sum(len(p.event_ids) for p in commands):
@@ -729,9 +836,12 @@ async def read_all(
     erasure cannot commit between this read and what the reader writes from it; a key erased
     since the read makes its stream's events erased here too.
     """
+    distributed = hold_keys and await is_distributed(conn)
+    if distributed:
+        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", ERASURES_LOCK)
     rows = await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
     erased: frozenset[uuid.UUID] = frozenset()
-    if hold_keys and rows:
+    if hold_keys and rows and not distributed:
         keyed = list({row[2] for row in rows if row[11] is not None})
         if keyed:
             held = {r[0] for r in await conn.fetch(_HOLD_KEYS, keyed)}
@@ -934,8 +1044,7 @@ class GroupCommit:
         inserted: dict[uuid.UUID, Any] = {}
         try:
             async with self.store.pool.acquire() as conn:
-                statement, args = _statement(columns)
-                inserted = {row[0]: row for row in await conn.fetch(statement, *args)}
+                inserted = {row[0]: row for row in await _insert(conn, columns)}
         except DATABASE_UNAVAILABLE:
             # The connection was lost (or the database went away) mid-batch: committed or not is
             # unknown. Each command looks for its own events (their ids were chosen before the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -16,6 +17,7 @@ import asyncpg
 import msgspec
 
 from service import shapes
+from service.citus import is_distributed
 from service.errors import BadRequest, NotReady
 from service.eventstore import Checkpoint, NotFound, RecordedEvent, read_user
 from service.sealing import Keyring
@@ -79,6 +81,32 @@ WHERE c.name = 'conversations'
 """
 
 
+# On Citus (service/citus.py) the checkpoint is on the coordinator, the rows on the user's worker,
+# and a projection batch over several workers commits in two phases: the coordinator first. The
+# batch also leaves its checkpoint beside the user's rows (`projection_marks`): the caller's newest
+# event counts as readable once that mark, read from the user's shard with the event, has passed it.
+_CHECKPOINT: Final = "SELECT tx_id, position FROM projection_checkpoints WHERE name = 'conversations'"
+_OWN_AND_MARK: Final = """
+SELECT own.tx_id, own.position, mark.tx_id, mark.position
+FROM (SELECT tx_id, position FROM events WHERE user_id = $1 ORDER BY tx_id DESC, position DESC LIMIT 1) AS own
+LEFT JOIN projection_marks AS mark ON mark.user_id = $1 AND mark.name = 'conversations'
+"""
+_ASKED: Final = "SELECT tx_id FROM events WHERE position = $1"
+
+
+async def _readable_distributed(conn: asyncpg.Connection, user_id: str, min_position: int | None) -> tuple[Any, ...]:
+    """`_READABLE`'s answer on Citus, the own event counted only once its mark has passed it."""
+    checkpoint = await conn.fetchrow(_CHECKPOINT)
+    own = await conn.fetchrow(_OWN_AND_MARK, user_id)
+    asked = await conn.fetchval(_ASKED, min_position) if min_position is not None else None
+    if checkpoint is None:
+        return (0, 0, None, None, asked) if own is None else (0, 0, own[0], own[1], asked)
+    own_tx, own_position = (None, None) if own is None else (own[0], own[1])
+    if own is not None and (own[2] is None or Checkpoint(int(own[2]), own[3]) < Checkpoint(int(own[0]), own[1])):
+        return (0, 0, own_tx, own_position, asked)  # the rows may not be visible on the worker yet
+    return (checkpoint[0], checkpoint[1], own_tx, own_position, asked)
+
+
 async def wait_until_readable(pool: Any, user_id: str, min_position: int | None, wait_seconds: float) -> None:
     """Return once the read tables include the caller's own newest event and, with `min_position`,
     the event at that position and every event before it in log order (API.md: a user always
@@ -90,7 +118,10 @@ async def wait_until_readable(pool: Any, user_id: str, min_position: int | None,
     delay = 0.001
     while True:
         async with pool.acquire() as conn:
-            row = await conn.fetchrow(_READABLE, user_id, min_position)
+            if await is_distributed(conn):
+                row = await _readable_distributed(conn, user_id, min_position)
+            else:
+                row = await conn.fetchrow(_READABLE, user_id, min_position)
         if row is not None and _includes(row, min_position):
             return
         if time.monotonic() + delay > deadline:
@@ -101,7 +132,7 @@ async def wait_until_readable(pool: Any, user_id: str, min_position: int | None,
         delay = min(delay * 2, 0.05)
 
 
-def _includes(row: asyncpg.Record, min_position: int | None) -> bool:
+def _includes(row: Sequence[Any], min_position: int | None) -> bool:
     """Whether the checkpoint in `row` (of `_READABLE`) has passed both targets."""
     checkpoint = Checkpoint(int(row[0]), row[1])
     if row[2] is not None and checkpoint < Checkpoint(int(row[2]), row[3]):

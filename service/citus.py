@@ -1,0 +1,129 @@
+"""chatlog on a Citus cluster (DESIGN.md, "Growing past one machine").
+
+`chatlog migrate` on a database with the `citus` extension distributes the log and every
+per-user table by `user_id`, colocated, once the schema is at head (`distribute`); on plain
+PostgreSQL nothing changes. Unique keys and foreign keys gain `user_id` (Citus needs the
+distribution column in both) and keep their names, so that `ON CONFLICT ON CONSTRAINT` and the
+store's reading of a unique violation work on both. A stream id stays unique across users
+through `stream_owners`, distributed by the stream id: a new stream is claimed there, in a
+transaction of its own, before its first events go in.
+
+The traps of `../shared/citus/README.md`, and what answers each:
+- the snapshot must be the coordinator's: the gap-safe reads take `chatlog_horizon()` in a
+  `MATERIALIZED` CTE, which Citus evaluates on the coordinator;
+- a transaction that writes through several connections commits in two phases (a reader can
+  pass its id before its rows are visible): every write transaction of the log stays on one
+  shard (group commit batches per shard); the projection's batches, which span users, leave a
+  mark per user in the same shard as that user's rows (`projection_marks`), and own-writes reads
+  wait for it;
+- NOTIFY from a trigger would run on a worker: the store sends it to the coordinator itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import weakref
+from typing import Final
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+_KNOWN: weakref.WeakKeyDictionary[asyncpg.Connection, bool] = weakref.WeakKeyDictionary()
+
+_IS_DISTRIBUTED: Final = """
+SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')
+   AND EXISTS (SELECT FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+               WHERE c.relname = 'pg_dist_partition' AND n.nspname = 'pg_catalog')
+"""
+
+
+async def is_distributed(conn: asyncpg.Connection) -> bool:
+    """Whether the log on this connection's database is distributed by Citus (asked once per connection)."""
+    known = _KNOWN.get(conn)
+    if known is None:
+        known = bool(await conn.fetchval(_IS_DISTRIBUTED)) and bool(
+            await conn.fetchval("SELECT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = 'events'::regclass)")
+        )
+        _KNOWN[conn] = known
+    return known
+
+
+_SHARD_SUFFIX: Final = re.compile(r"_\d+$")
+
+
+def constraint_name(name: str | None) -> str | None:
+    """A constraint's name as the schema has it: Citus reports a shard's (`events_pkey_102008`)."""
+    if name is None:
+        return None
+    return _SHARD_SUFFIX.sub("", name)
+
+
+# Keys that include the distribution column, under their single-server names.
+_RESHAPE: Final = """
+SET LOCAL citus.enable_unsafe_triggers = on;
+ALTER TABLE messages DROP CONSTRAINT messages_conversation_id_fkey;
+ALTER TABLE conversations DROP CONSTRAINT conversations_pkey,
+    ADD CONSTRAINT conversations_pkey PRIMARY KEY (user_id, id);
+ALTER TABLE messages DROP CONSTRAINT messages_pkey, ADD CONSTRAINT messages_pkey PRIMARY KEY (user_id, id);
+DROP INDEX messages_conversation_seq;
+CREATE UNIQUE INDEX messages_conversation_seq ON messages (user_id, conversation_id, seq);
+DROP INDEX messages_run_depth;
+CREATE UNIQUE INDEX messages_run_depth ON messages (user_id, run, depth);
+ALTER TABLE messages ADD CONSTRAINT messages_conversation_id_fkey FOREIGN KEY (user_id, conversation_id)
+    REFERENCES conversations (user_id, id) ON DELETE CASCADE;
+ALTER TABLE events DROP CONSTRAINT events_pkey, ADD CONSTRAINT events_pkey PRIMARY KEY (user_id, position);
+ALTER TABLE events DROP CONSTRAINT events_event_id_key, ADD CONSTRAINT events_event_id_key UNIQUE (user_id, event_id);
+ALTER TABLE events DROP CONSTRAINT events_stream_version_key,
+    ADD CONSTRAINT events_stream_version_key UNIQUE (user_id, stream_id, stream_version);
+CREATE INDEX events_position ON events (position);
+ALTER TABLE data_keys DROP CONSTRAINT data_keys_pkey, ADD CONSTRAINT data_keys_pkey PRIMARY KEY (user_id, stream_id);
+ALTER TABLE erasures DROP CONSTRAINT erasures_pkey, ADD CONSTRAINT erasures_pkey PRIMARY KEY (user_id, id);
+CREATE TABLE stream_owners (stream_id uuid PRIMARY KEY, user_id text NOT NULL);
+INSERT INTO stream_owners (stream_id, user_id) SELECT DISTINCT stream_id, user_id FROM events;
+CREATE TABLE projection_marks (
+    user_id  text   NOT NULL,
+    name     text   NOT NULL,
+    tx_id    xid8   NOT NULL,
+    position bigint NOT NULL,
+    CONSTRAINT projection_marks_pkey PRIMARY KEY (user_id, name)
+);
+"""
+
+# Parents first: a colocated table's foreign key needs its parent distributed.
+PER_USER_TABLES: Final = (
+    "events",
+    "data_keys",
+    "idempotency_keys",
+    "erasures",
+    "conversations",
+    "messages",
+    "projection_marks",
+)
+
+
+async def distribute(conn: asyncpg.Connection) -> bool:
+    """Distribute the schema (at head) by `user_id` if the database has Citus and it is not
+    distributed yet; whether it did. The rows already there move into the shards (the way from
+    one server to a cluster: restore a dump into the coordinator, then `chatlog migrate`). The
+    shard count is Citus's `citus.shard_count` (32 unless the database or role sets another)."""
+    has_citus = await conn.fetchval("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")
+    if not has_citus or await is_distributed(conn):
+        return False
+    async with conn.transaction():
+        await conn.execute(_RESHAPE)
+    # create_distributed_table copies the local rows into the shards, and may not run inside a
+    # transaction block that already wrote (it opens connections of its own to the workers).
+    await conn.execute("SET citus.enable_unsafe_triggers = on")
+    try:
+        for table in PER_USER_TABLES:
+            colocate = "none" if table == "events" else "events"
+            await conn.execute("SELECT create_distributed_table($1, 'user_id', colocate_with => $2)", table, colocate)
+        await conn.execute("SELECT create_distributed_table('stream_owners', 'stream_id', colocate_with => 'none')")
+    finally:
+        await conn.execute("RESET citus.enable_unsafe_triggers")
+    _KNOWN[conn] = True
+    shards = await conn.fetchval("SELECT count(*) FROM pg_dist_shard WHERE logicalrelid = 'events'::regclass")
+    log.warning("distributed the log and the read tables by user_id over %d shards (Citus)", shards)
+    return True
