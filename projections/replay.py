@@ -354,6 +354,7 @@ async def _swap(conn: asyncpg.Connection, projection: Projection, names: dict[st
     # with the live tables locked, every erasure that touched them has committed (or waits), so
     # the ledger read now names them all.
     await projection.erase(conn, names)
+    distributed = await is_distributed(conn)
     live_indexes = {t: await _indexes(conn, t) for t in tables}
     live_fks = {t: await _foreign_keys(conn, t) for t in tables}
     for table in reversed(tables):
@@ -366,6 +367,8 @@ async def _swap(conn: asyncpg.Connection, projection: Projection, names: dict[st
             target = by_definition.get(definition)
             if target is not None and target != name:
                 await conn.execute(f'ALTER INDEX "{name}" RENAME TO "{target}"')
+        if distributed:
+            continue  # Citus cannot rename a distributed table's constraints; nothing looks a foreign key up by name
         fk_by_definition = {d: n for n, d in live_fks[table].items()}
         for name, definition in (await _foreign_keys(conn, table)).items():
             target = fk_by_definition.get(definition)

@@ -391,7 +391,8 @@ async def projection_status(conn: asyncpg.Connection, names: Sequence[str]) -> d
         row = rows.get(name)
         tx_id, position = (int(row["tx_id"]), row["position"]) if row else (0, 0)
         lag = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT FROM events WHERE (tx_id, position) > ($1::xid8, $2::bigint) LIMIT $3) AS s",
+            "SELECT count(*) FROM (SELECT 1 FROM events "
+            "WHERE (tx_id, position) > ($1::xid8, $2::bigint) LIMIT $3) AS s",
             tx_id,
             position,
             LAG_COUNT_LIMIT,

@@ -24,12 +24,14 @@ from __future__ import annotations
 import logging
 import re
 import weakref
-from typing import Final
+from collections.abc import Sequence
+from typing import Any, Final
 
 import asyncpg
 
 log = logging.getLogger(__name__)
 
+_EVENTS_DISTRIBUTED: Final = "SELECT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = to_regclass('events'))"
 _KNOWN: weakref.WeakKeyDictionary[asyncpg.Connection, bool] = weakref.WeakKeyDictionary()
 
 _IS_DISTRIBUTED: Final = """
@@ -43,21 +45,58 @@ async def is_distributed(conn: asyncpg.Connection) -> bool:
     """Whether the log on this connection's database is distributed by Citus (asked once per connection)."""
     known = _KNOWN.get(conn)
     if known is None:
-        known = bool(await conn.fetchval(_IS_DISTRIBUTED)) and bool(
-            await conn.fetchval("SELECT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = 'events'::regclass)")
-        )
+        known = bool(await conn.fetchval(_IS_DISTRIBUTED)) and bool(await conn.fetchval(_EVENTS_DISTRIBUTED))
+        if known:
+            # Citus plans a statement over distributed tables with its parameters' values; a
+            # generic plan (the store's pool asks for them on one server) cannot be distributed.
+            if conn.is_in_transaction():
+                await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+                return True  # asked again outside: the setting goes with this transaction
+            await conn.execute("SET plan_cache_mode = force_custom_plan")
         _KNOWN[conn] = known
     return known
 
 
 _SHARD_SUFFIX: Final = re.compile(r"_\d+$")
+_VIOLATED: Final = re.compile(r'unique constraint "([^"]+)"')
 
 
-def constraint_name(name: str | None) -> str | None:
-    """A constraint's name as the schema has it: Citus reports a shard's (`events_pkey_102008`)."""
+def violated_constraint(exc: asyncpg.UniqueViolationError) -> str | None:
+    """The unique constraint a statement violated, as the schema names it: Citus relays a shard's
+    error without the constraint field, and a shard's name (`events_pkey_102008`) in its message."""
+    name = exc.constraint_name
     if name is None:
-        return None
-    return _SHARD_SUFFIX.sub("", name)
+        found = _VIOLATED.search(str(exc))
+        name = found.group(1) if found else None
+    return None if name is None else _SHARD_SUFFIX.sub("", name)
+
+
+async def insert_values(
+    conn: asyncpg.Connection,
+    table: str,
+    columns: Sequence[str],
+    types: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    returning: str | None = None,
+) -> list[asyncpg.Record]:
+    """Insert `rows` with one multi-row `INSERT ... VALUES` per few thousand rows: on Citus an
+    `INSERT ... SELECT` from arrays goes through the coordinator by COPY, which always commits in
+    two phases; rows of one shard in VALUES are sent over one connection and commit in one."""
+    width = len(columns)
+    chunk = 60_000 // width  # PostgreSQL takes at most 65,535 parameters a statement
+    found: list[asyncpg.Record] = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        values = ", ".join(
+            "(" + ", ".join(f"${i * width + j + 1}::{types[j]}" for j in range(width)) + ")" for i in range(len(part))
+        )
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}"
+        args = [value for row in part for value in row]
+        if returning is None:
+            await conn.execute(sql, *args)
+        else:
+            found.extend(await conn.fetch(f"{sql} RETURNING {returning}", *args))
+    return found
 
 
 # Keys that include the distribution column, under their single-server names.

@@ -301,9 +301,12 @@ async def _connected(url: str) -> asyncpg.Connection:
     """A connection of the command's own (the CLI's short tasks need no pool)."""
     import asyncpg
 
+    from service.citus import is_distributed
     from service.connections import connect_args
 
-    return await asyncpg.connect(**connect_args(url))
+    conn = await asyncpg.connect(**connect_args(url))
+    await is_distributed(conn)  # on Citus, sets what distributed plans need
+    return conn
 
 
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:

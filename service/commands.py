@@ -40,19 +40,19 @@ MAX_RETRIES: Final = 50
 _STATE = """
 SELECT head.stream_version, head.user_id, head.type,
        (SELECT (m.data->>'seq')::integer FROM events AS m
-        WHERE m.stream_id = $1 AND m.type = 'message.appended'
+        WHERE m.user_id = $2 AND m.stream_id = $1 AND m.type = 'message.appended'
         ORDER BY m.stream_version DESC LIMIT 1) AS last_seq,
        (SELECT coalesce(l.data->>'leaf_id', l.data->>'message_id')::uuid FROM events AS l
-        WHERE l.stream_id = $1 AND l.type IN ('message.appended', 'branch.selected')
+        WHERE l.user_id = $2 AND l.stream_id = $1 AND l.type IN ('message.appended', 'branch.selected')
         ORDER BY l.stream_version DESC LIMIT 1) AS leaf
-FROM (SELECT stream_version, user_id, type FROM events WHERE stream_id = $1
+FROM (SELECT stream_version, user_id, type FROM events WHERE user_id = $2 AND stream_id = $1
       ORDER BY stream_version DESC LIMIT 1) AS head
 """
 
 # Whether a message is one of the stream's (the log's own index of message ids).
 _MESSAGE_OF = """
-SELECT EXISTS (SELECT FROM events WHERE (data->>'message_id')::uuid = $2 AND type = 'message.appended'
-               AND stream_id = $1)
+SELECT EXISTS (SELECT 1 FROM events WHERE (data->>'message_id')::uuid = $2 AND type = 'message.appended'
+               AND stream_id = $1 AND user_id = $3)
 """
 
 
@@ -104,16 +104,18 @@ async def _live_head(
     conn: asyncpg.Connection, user_id: str, conversation_id: uuid.UUID
 ) -> tuple[int, int, uuid.UUID | None]:
     """(version, last message seq, active leaf) of the user's live conversation; NotFound otherwise."""
-    row = await conn.fetchrow(_STATE, conversation_id)
+    row = await conn.fetchrow(_STATE, conversation_id, user_id)
     if row is None or row["user_id"] != user_id or row["type"] == "conversation.deleted":
         raise NotFound(str(conversation_id))
     return row["stream_version"], row["last_seq"] or 0, row["leaf"]
 
 
-async def check_message_of(store: EventStore, conversation_id: uuid.UUID, message_id: uuid.UUID, field: str) -> None:
-    """422 unless `message_id` is a message of the conversation (checked in the log)."""
+async def check_message_of(
+    store: EventStore, user_id: str, conversation_id: uuid.UUID, message_id: uuid.UUID, field: str
+) -> None:
+    """422 unless `message_id` is a message of the user's conversation (checked in the log)."""
     async with store.pool.acquire() as conn:
-        if not await conn.fetchval(_MESSAGE_OF, conversation_id, message_id):
+        if not await conn.fetchval(_MESSAGE_OF, conversation_id, message_id, user_id):
             raise BadRequest(f"{field} is not a message of this conversation", field=field)
 
 
@@ -241,7 +243,7 @@ async def append_message(
                 raise VersionConflict(expected, version)
         asked = body.parent_id
         if isinstance(asked, uuid.UUID) and asked != leaf and not parent_checked:
-            await check_message_of(store, conversation_id, asked, "parent_id")
+            await check_message_of(store, user_id, conversation_id, asked, "parent_id")
             parent_checked = True  # messages are never removed from a live conversation
         parent = leaf if asked is msgspec.UNSET else asked  # without one, it follows the active leaf
         event = MessageAppended(
@@ -311,7 +313,7 @@ async def update_conversation(
     if body.active_leaf_id is not None:
         async with store.pool.acquire() as conn:
             await _live_head(conn, user_id, conversation_id)  # 404 before 422
-        await check_message_of(store, conversation_id, body.active_leaf_id, "active_leaf_id")
+        await check_message_of(store, user_id, conversation_id, body.active_leaf_id, "active_leaf_id")
         events.append(BranchSelected(leaf_id=body.active_leaf_id))
     result = await _change(store, heads, user_id, conversation_id, events, body.expected_version)
     async with store.pool.acquire() as conn:

@@ -18,6 +18,7 @@ from typing import Any, Final
 import asyncpg
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from service.citus import is_distributed
 from service.settings import database_url
 
 # Errors that say the database cannot be had right now, not that a statement is wrong: a broken
@@ -110,7 +111,13 @@ class ConnectionPool:
                 conn = self._idle.pop()
                 if not conn.is_closed():
                     return conn
-            return await asyncpg.connect(**self._connect_args, server_settings=self._server_settings)
+            conn = await asyncpg.connect(**self._connect_args, server_settings=self._server_settings)
+            try:
+                await is_distributed(conn)  # on Citus, sets what distributed plans need (service/citus.py)
+            except BaseException:
+                conn.terminate()
+                raise
+            return conn
         except BaseException:
             self._release_slot()
             raise

@@ -22,7 +22,7 @@ import asyncpg
 import msgspec
 
 from projections.conversations import erase_rows
-from service.citus import is_distributed
+from service.citus import insert_values, is_distributed
 from service.events import ConversationDeleted
 from service.eventstore import (
     ERASURES_LOCK,
@@ -70,7 +70,7 @@ async def erase_conversation(
             async with conn.transaction():
                 await _exclude_batches(conn)
                 if not await conn.fetch(
-                    "SELECT FROM data_keys WHERE stream_id = $1 AND user_id = $2 FOR UPDATE", stream_id, user_id
+                    "SELECT 1 FROM data_keys WHERE stream_id = $1 AND user_id = $2 FOR UPDATE", stream_id, user_id
                 ):
                     raise NotFound(str(stream_id))
                 head = await conn.fetchrow(_HEAD, stream_id)
@@ -145,12 +145,16 @@ async def _erase(conn: asyncpg.Connection, user_id: str, streams: Sequence[tuple
     await conn.execute("DELETE FROM data_keys WHERE user_id = $2 AND stream_id = ANY($1::uuid[])", ids, user_id)
     await conn.execute("DELETE FROM idempotency_keys WHERE user_id = $2 AND stream_id = ANY($1::uuid[])", ids, user_id)
     await erase_rows(conn, {"messages": "messages", "conversations": "conversations"}, ids, user_id)
-    await conn.execute(
-        "INSERT INTO erasures (user_id, stream_id, position) SELECT $1, * FROM unnest($2::uuid[], $3::bigint[])",
-        user_id,
-        ids,
-        positions,
-    )
+    if await is_distributed(conn):  # on one shard, in one phase (service/citus.py)
+        rows = [(user_id, stream_id, position) for stream_id, position in zip(ids, positions, strict=True)]
+        await insert_values(conn, "erasures", ("user_id", "stream_id", "position"), ("text", "uuid", "bigint"), rows)
+    else:
+        await conn.execute(
+            "INSERT INTO erasures (user_id, stream_id, position) SELECT $1, * FROM unnest($2::uuid[], $3::bigint[])",
+            user_id,
+            ids,
+            positions,
+        )
     return positions
 
 
@@ -193,7 +197,7 @@ async def apply_ledger(conn: asyncpg.Connection, entries: Sequence[LedgerEntry])
                 records += int(status.split()[-1])
                 await conn.execute(
                     "INSERT INTO erasures (user_id, erased_at) SELECT $1, $2 WHERE NOT EXISTS "
-                    "(SELECT FROM erasures WHERE user_id = $1 AND stream_id IS NULL AND erased_at = $2)",
+                    "(SELECT 1 FROM erasures WHERE user_id = $1 AND stream_id IS NULL AND erased_at = $2)",
                     entry.user_id,
                     entry.erased_at,
                 )

@@ -29,7 +29,7 @@ import asyncpg
 import msgspec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from service.citus import constraint_name, is_distributed
+from service.citus import insert_values, is_distributed, violated_constraint
 from service.connections import DATABASE_UNAVAILABLE, ConnectionPool
 from service.events import (
     CLEAN_TEXT,
@@ -231,21 +231,13 @@ INSERT INTO stream_owners (stream_id, user_id) SELECT * FROM unnest($1::uuid[], 
 ON CONFLICT (stream_id) DO NOTHING
 """
 _USED_KEYS = "SELECT key_digest FROM idempotency_keys WHERE user_id = ANY($1::text[]) AND key_digest = ANY($2::bytea[])"
-_INSERT_DISTRIBUTED = """
-INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, sealed, metadata)
-SELECT e.event_id, e.stream_id, e.stream_version, e.user_id, e.type, e.data::jsonb, e.sealed, e.metadata::jsonb
-FROM unnest($1::uuid[], $2::uuid[], $3::integer[], $4::text[], $5::text[], $6::text[], $7::bytea[], $8::text[])
-     AS e(event_id, stream_id, stream_version, user_id, type, data, sealed, metadata)
-RETURNING event_id, position, stream_version, recorded_at
-"""
-_KEYS_DISTRIBUTED = """
-INSERT INTO data_keys (stream_id, user_id, wrapped, master_id)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::text[])
-"""
-_IDEMPOTENCY_DISTRIBUTED = """
-INSERT INTO idempotency_keys (user_id, key_digest, fingerprint, stream_id, first_version, event_count)
-SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::uuid[], $5::integer[], $6::integer[])
-"""
+_EVENT_COLUMNS: Final = ("event_id", "stream_id", "stream_version", "user_id", "type", "data", "sealed", "metadata")
+_EVENT_TYPES: Final = ("uuid", "uuid", "integer", "text", "text", "jsonb", "bytea", "jsonb")
+_KEY_COLUMNS: Final = (("stream_id", "user_id", "wrapped", "master_id"), ("uuid", "text", "bytea", "text"))
+_IDEMPOTENCY_COLUMNS: Final = (
+    ("user_id", "key_digest", "fingerprint", "stream_id", "first_version", "event_count"),
+    ("text", "bytea", "bytea", "uuid", "integer", "integer"),
+)
 
 
 async def _insert_distributed(conn: asyncpg.Connection, columns: list[list[Any]]) -> list[Any]:
@@ -253,9 +245,11 @@ async def _insert_distributed(conn: asyncpg.Connection, columns: list[list[Any]]
      digests, fingerprints, wrappeds, masters, counts) = columns  # fmt: skip
     starts = [i for i, ord_ in enumerate(ords) if ord_ == 1]  # each command's first row
     claims = [i for i in starts if new_streams[i]]
-    if claims and not conn.is_in_transaction():
+    if claims:
         # A new stream's id is claimed first, in a transaction of its own (its shard is the id's,
         # not the user's): two users cannot both start it, and the log's transaction stays on one shard.
+        if conn.is_in_transaction():
+            raise RuntimeError("on Citus a stream is started outside a transaction: its id is claimed first, alone")
         await conn.execute(_CLAIM, [stream_ids[i] for i in claims], [user_ids[i] for i in claims])
     users = sorted({user_ids[i] for i in starts})
     async with conn.transaction():
@@ -290,15 +284,17 @@ async def _insert_distributed(conn: asyncpg.Connection, columns: list[list[Any]]
         if not rows:
             return []
         rows.sort(key=lambda r: (r[1], r[2]))  # by stream, so that batches lock in one order
-        inserted = await conn.fetch(_INSERT_DISTRIBUTED, *map(list, zip(*rows, strict=True)))
+        inserted = await insert_values(
+            conn, "events", _EVENT_COLUMNS, _EVENT_TYPES, rows, "event_id, position, stream_version, recorded_at"
+        )
         if new_keys:
-            await conn.execute(_KEYS_DISTRIBUTED, *map(list, zip(*new_keys, strict=True)))
+            await insert_values(conn, "data_keys", *_KEY_COLUMNS, new_keys)
         if records:
-            await conn.execute(_IDEMPOTENCY_DISTRIBUTED, *map(list, zip(*records, strict=True)))
-    return list(inserted)
+            await insert_values(conn, "idempotency_keys", *_IDEMPOTENCY_COLUMNS, records)
+    return inserted
 
 
-_EXISTS = "SELECT EXISTS (SELECT FROM events WHERE stream_id = $1)"
+_EXISTS = "SELECT EXISTS (SELECT 1 FROM events WHERE stream_id = $1)"
 
 _BY_EVENT_IDS = (
     "SELECT position, stream_version, recorded_at FROM events WHERE event_id = ANY($1::uuid[]) ORDER BY position"
@@ -329,27 +325,31 @@ _READ_STREAM = (
     "AND e.stream_version > $3 AND e.position <= $4 ORDER BY e.stream_version"
 )
 
-# DESIGN.md's rule: (tx_id, position) order, below the oldest running transaction. The horizon
-# is taken once, in a materialized CTE: on Citus that runs on the coordinator, whose transaction
-# ids the log holds (a function in the WHERE clause would run on each worker, against its own).
+# DESIGN.md's rule: (tx_id, position) order, below the oldest running transaction.
 _READ_ALL = f"""
-WITH horizon AS MATERIALIZED (SELECT chatlog_horizon() AS tx_id)
-SELECT {_COLUMNS} {_FROM}, horizon
+SELECT {_COLUMNS} {_FROM}
 WHERE (e.tx_id, e.position) > ($1::xid8, $2::bigint)
-  AND e.tx_id < horizon.tx_id
+  AND e.tx_id < chatlog_horizon()
 ORDER BY e.tx_id, e.position
 LIMIT $3
 """
 
 _READ_USER = f"""
-WITH horizon AS MATERIALIZED (SELECT chatlog_horizon() AS tx_id)
-SELECT {_COLUMNS} {_FROM}, horizon
+SELECT {_COLUMNS} {_FROM}
 WHERE e.user_id = $4
   AND (e.tx_id, e.position) > ($1::xid8, $2::bigint)
-  AND e.tx_id < horizon.tx_id
+  AND e.tx_id < chatlog_horizon()
 ORDER BY e.tx_id, e.position
 LIMIT $3
 """
+
+# On Citus the horizon must be the coordinator's, whose transaction ids the log holds: in a query
+# over distributed tables the function would run on each worker, against the worker's own ids
+# (even from a materialized CTE, in a query on one shard). It is read first, in the same
+# transaction, and passed in.
+_HORIZON = "SELECT chatlog_horizon()"
+_READ_ALL_BELOW = _READ_ALL.replace("chatlog_horizon()", "$4::xid8")
+_READ_USER_BELOW = _READ_USER.replace("chatlog_horizon()", "$5::xid8")
 
 # The worker holds the keys of the streams it folds until its batch commits: an erasure waits
 # for it (and then deletes what it wrote), or has committed and the batch sees no key. Citus
@@ -357,6 +357,9 @@ LIMIT $3
 # advisory lock on the coordinator that an erasure takes exclusively (ERASURES_LOCK).
 _HOLD_KEYS = "SELECT stream_id FROM data_keys WHERE stream_id = ANY($1::uuid[]) ORDER BY stream_id FOR KEY SHARE"
 ERASURES_LOCK: Final = 0x63686C65  # "chle"
+
+
+_SHARD_OF = "SELECT get_shard_id_for_distribution_column('events', $1::text)"
 
 
 def validate_user_id(user_id: str) -> None:
@@ -410,6 +413,7 @@ class Prepared(msgspec.Struct, frozen=True, kw_only=True):
     data_key: AESGCM | None
     content: tuple[bytes, ...]  # each event's JSON, to seal (again, under another key)
     structures: tuple[dict[str, Any], ...]
+    shard: int | None = None  # on Citus, the user's shard: a group commit batch stays on one
 
     def sealed_with(self, data_key: AESGCM | None, new_key: tuple[bytes, str] | None = None) -> Prepared:
         """The same command (the same event ids) sealed under `data_key` (see `prepare`)."""
@@ -630,7 +634,7 @@ async def append_prepared(
             else:
                 rows = await _insert(conn, columns)
         except asyncpg.UniqueViolationError as exc:
-            constraint = constraint_name(exc.constraint_name)
+            constraint = violated_constraint(exc)
             if constraint == "idempotency_keys_pkey":
                 assert idempotency_key is not None and fingerprint is not None
                 replayed = await _prior(conn, user_id, idempotency_key, fingerprint, prepared.idempotency_key)
@@ -836,10 +840,14 @@ async def read_all(
     erasure cannot commit between this read and what the reader writes from it; a key erased
     since the read makes its stream's events erased here too.
     """
-    distributed = hold_keys and await is_distributed(conn)
+    distributed = await is_distributed(conn)
     if distributed:
-        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", ERASURES_LOCK)
-    rows = await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
+        if hold_keys:
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", ERASURES_LOCK)
+        horizon = await conn.fetchval(_HORIZON)
+        rows = await conn.fetch(_READ_ALL_BELOW, after.tx_id, after.position, limit, horizon)
+    else:
+        rows = await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
     erased: frozenset[uuid.UUID] = frozenset()
     if hold_keys and rows and not distributed:
         keyed = list({row[2] for row in rows if row[11] is not None})
@@ -853,7 +861,11 @@ async def read_user(
     conn: asyncpg.Connection, keyring: Keyring, user_id: str, after: Checkpoint, limit: int = 100
 ) -> list[RecordedEvent]:
     """One user's events after `after`, in the same gap-safe order as `read_all`."""
-    rows = await conn.fetch(_READ_USER, after.tx_id, after.position, limit, user_id)
+    if await is_distributed(conn):
+        horizon = await conn.fetchval(_HORIZON)
+        rows = await conn.fetch(_READ_USER_BELOW, after.tx_id, after.position, limit, user_id, horizon)
+    else:
+        rows = await conn.fetch(_READ_USER, after.tx_id, after.position, limit, user_id)
     return [recorded(row, keyring) for row in rows]
 
 
@@ -909,6 +921,7 @@ class GroupCommit:
     async def submit(self, prepared: Prepared) -> Appended:
         if not self.queue and self.in_flight < self.max_in_flight:
             return await self._lead(prepared)
+        prepared = await self.store.placed(prepared)
         waiting = _Waiting(prepared, asyncio.get_running_loop().create_future())
         self.queue.append(waiting)
         if self.in_flight < self.max_in_flight:
@@ -939,6 +952,11 @@ class GroupCommit:
                 self._done()
                 raise
         if self.queue:
+            try:
+                prepared = await self.store.placed(prepared)
+            except BaseException:
+                self._done()
+                raise
             waiting = _Waiting(prepared, asyncio.get_running_loop().create_future())
             self.queue.appendleft(waiting)
             self._launch(self._take())
@@ -972,16 +990,18 @@ class GroupCommit:
 
     def _take(self) -> list[_Waiting]:
         """The next batch from the queue, in order: up to `max_batch`, one command per stream and
-        per idempotency key (the others stay queued for the next batch, in their order)."""
+        per idempotency key, all on the first one's shard on Citus, so that its transaction commits
+        on one worker, in one phase (the others stay queued for the next batch, in their order)."""
         batch: list[_Waiting] = []
         streams: set[int] = set()
         keys: set[tuple[str, str]] = set()
         later: list[_Waiting] = []
+        shard = self.queue[0].prepared.shard if self.queue else None
         while self.queue and len(batch) < self.max_batch:
             waiting = self.queue.popleft()
             p = waiting.prepared
             stream, key = p.stream_id.int, (p.user_id, p.idempotency_key or "")
-            if stream in streams or (p.idempotency_key is not None and key in keys):
+            if stream in streams or (p.idempotency_key is not None and key in keys) or p.shard != shard:
                 later.append(waiting)
             else:
                 streams.add(stream)
@@ -1131,6 +1151,8 @@ class EventStore:
         self._quiet = asyncio.Event()
         self._quiet.set()
         self.group = GroupCommit(self, max_in_flight=batches_in_flight) if group_commit else None
+        self.distributed: bool | None = None  # Citus? Asked at the first append.
+        self._shards: dict[str, int] = {}
 
     async def append(
         self,
@@ -1163,6 +1185,24 @@ class EventStore:
             self._appending -= 1
             if not self._appending:
                 self._quiet.set()
+
+    async def placed(self, prepared: Prepared) -> Prepared:
+        """The command with its user's Citus shard, for a group commit batch to keep to one (on one
+        server, as it is). Asked only of commands that queue: a lone append waits for nothing."""
+        if self.distributed is None:
+            async with self.pool.acquire() as conn:
+                self.distributed = await is_distributed(conn)
+        if not self.distributed or prepared.shard is not None:
+            return prepared
+        user_id = prepared.user_id
+        shard = self._shards.get(user_id)  # remembered: shards split only by an operator
+        if shard is None:
+            async with self.pool.acquire() as conn:
+                shard = int(await conn.fetchval(_SHARD_OF, user_id))
+            if len(self._shards) >= 65_536:
+                self._shards.clear()
+            self._shards[user_id] = shard
+        return msgspec.structs.replace(prepared, shard=shard)
 
     async def _alone(self, prepared: Prepared) -> Appended:
         async with self.pool.acquire() as conn:

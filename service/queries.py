@@ -213,7 +213,7 @@ _MESSAGES = f"""
 SELECT m.* FROM conversations AS c
 LEFT JOIN LATERAL (
     SELECT {_MESSAGE_COLUMNS} FROM messages
-    WHERE conversation_id = c.id AND {{cmp}} ORDER BY {{order}} LIMIT $4
+    WHERE user_id = c.user_id AND conversation_id = c.id AND {{cmp}} ORDER BY {{order}} LIMIT $4
 ) AS m ON true
 WHERE c.id = $1 AND c.user_id = $2
 """
@@ -270,16 +270,17 @@ WITH RECURSIVE conv AS (
     SELECT c.id, coalesce($3::uuid, c.active_leaf_id) AS leaf FROM conversations AS c
     WHERE c.id = $1 AND c.user_id = $2
 ), tip AS (
-    SELECT m.id, m.run, m.depth FROM conv JOIN messages AS m ON m.id = conv.leaf AND m.conversation_id = conv.id
+    SELECT m.id, m.run, m.depth FROM conv
+    JOIN messages AS m ON m.user_id = $2 AND m.id = conv.leaf AND m.conversation_id = conv.id
 ), bounds AS (
     SELECT {{a}} AS a, {{b}} AS b FROM tip
 ), seg(run, lo, hi, up) AS (
-    SELECT tip.run, r.depth, tip.depth, r.parent_id FROM tip JOIN messages AS r ON r.id = tip.run
+    SELECT tip.run, r.depth, tip.depth, r.parent_id FROM tip JOIN messages AS r ON r.user_id = $2 AND r.id = tip.run
     UNION ALL
     SELECT p.run, r.depth, p.depth, r.parent_id
     FROM seg JOIN bounds ON seg.lo > bounds.a
-    JOIN messages AS p ON p.id = seg.up
-    JOIN messages AS r ON r.id = p.run
+    JOIN messages AS p ON p.user_id = $2 AND p.id = seg.up
+    JOIN messages AS r ON r.user_id = $2 AND r.id = p.run
 )
 SELECT tip.id, page.* FROM conv
 LEFT JOIN tip ON true
@@ -287,7 +288,7 @@ LEFT JOIN LATERAL (
     SELECT x.* FROM seg CROSS JOIN bounds
     CROSS JOIN LATERAL (  -- one range scan of messages_run_depth per run (the LIMIT keeps it one)
         SELECT {_MESSAGE_COLUMNS}, depth FROM messages
-        WHERE run = seg.run AND depth BETWEEN greatest(seg.lo, bounds.a) AND least(seg.hi, bounds.b)
+        WHERE user_id = $2 AND run = seg.run AND depth BETWEEN greatest(seg.lo, bounds.a) AND least(seg.hi, bounds.b)
         ORDER BY depth LIMIT $5
     ) AS x
     ORDER BY x.depth {{order}}

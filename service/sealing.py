@@ -34,6 +34,7 @@ import asyncpg
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from service.citus import is_distributed
 from service.settings import Settings, SettingsError
 
 MASTER_KEY_FILE: Final = "master.key"
@@ -235,7 +236,9 @@ SELECT master_id FROM ids WHERE master_id IS NOT NULL
 async def check_master_keys(conn: asyncpg.Connection, keyring: Keyring) -> None:
     """Refuse to go on with a master key that cannot open the database's data keys: a wrong or
     missing key stops the command at once, with words, instead of failing every request."""
-    in_use = [r[0] for r in await conn.fetch(_MASTER_IDS)]
+    # On Citus a recursive CTE must stay on one shard: there each shard lists its own ids.
+    ids = "SELECT DISTINCT master_id FROM data_keys" if await is_distributed(conn) else _MASTER_IDS
+    in_use = [r[0] for r in await conn.fetch(ids)]
     missing = [master_id for master_id in in_use if master_id not in keyring.master_ids]
     if missing:
         raise MasterKeyError(
@@ -255,22 +258,51 @@ async def check_master_keys(conn: asyncpg.Connection, keyring: Keyring) -> None:
 async def rotate(conn: asyncpg.Connection, keyring: Keyring, batch: int = 1000) -> int:
     """Re-wrap every data key not under the current master key with it, in short transactions
     (appends and erasures go on meanwhile); events are not touched. Returns how many moved."""
+    if await is_distributed(conn):
+        return await _rotate_by_user(conn, keyring, batch)
     moved = 0
     while True:
         async with conn.transaction():
             rows = await conn.fetch(
-                "SELECT stream_id, wrapped, master_id FROM data_keys WHERE master_id <> $1 "
+                "SELECT stream_id, wrapped, master_id, user_id FROM data_keys WHERE master_id <> $1 "
                 "ORDER BY stream_id LIMIT $2 FOR UPDATE",
                 keyring.current_id,
                 batch,
             )
             if not rows:
                 return moved
-            await conn.execute(
-                "UPDATE data_keys AS k SET wrapped = n.wrapped, master_id = $3 "
-                "FROM unnest($1::uuid[], $2::bytea[]) AS n(stream_id, wrapped) WHERE k.stream_id = n.stream_id",
-                [r[0] for r in rows],
-                [keyring.wrap(r[0], keyring.unwrap_raw(r[0], r[1], r[2])) for r in rows],
-                keyring.current_id,
-            )
-            moved += len(rows)
+            moved += await _rewrap(conn, keyring, rows)
+
+
+async def _rewrap(conn: asyncpg.Connection, keyring: Keyring, rows: list[asyncpg.Record]) -> int:
+    await conn.execute(
+        "UPDATE data_keys AS k SET wrapped = n.wrapped, master_id = $3 "
+        "FROM unnest($1::uuid[], $2::bytea[], $4::text[]) AS n(stream_id, wrapped, user_id) "
+        "WHERE k.user_id = n.user_id AND k.stream_id = n.stream_id",
+        [r[0] for r in rows],
+        [keyring.wrap(r[0], keyring.unwrap_raw(r[0], r[1], r[2])) for r in rows],
+        keyring.current_id,
+        [r[3] for r in rows],
+    )
+    return len(rows)
+
+
+async def _rotate_by_user(conn: asyncpg.Connection, keyring: Keyring, batch: int) -> int:
+    """`rotate` on Citus, where rows are locked only on one shard: a user's keys a transaction."""
+    moved = 0
+    while True:
+        users = await conn.fetch(
+            "SELECT DISTINCT user_id FROM data_keys WHERE master_id <> $1 LIMIT $2", keyring.current_id, batch
+        )
+        if not users:
+            return moved
+        for (user_id,) in users:
+            async with conn.transaction():
+                rows = await conn.fetch(
+                    "SELECT stream_id, wrapped, master_id, user_id FROM data_keys WHERE user_id = $1 "
+                    "AND master_id <> $2 ORDER BY stream_id FOR UPDATE",
+                    user_id,
+                    keyring.current_id,
+                )
+                if rows:
+                    moved += await _rewrap(conn, keyring, rows)

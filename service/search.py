@@ -55,7 +55,7 @@ def _sql(filters: str, keyset: str) -> str:
                        websearch_to_tsquery($1::regconfig, $2), $4),
            h.parent_id
     FROM (SELECT * FROM hits {keyset} ORDER BY rank DESC, created_at DESC, id DESC LIMIT $5) AS h
-    JOIN conversations AS c ON c.id = h.conversation_id
+    JOIN conversations AS c ON c.user_id = $3 AND c.id = h.conversation_id
     ORDER BY h.rank DESC, h.created_at DESC, h.id DESC
     """
 
