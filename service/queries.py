@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -65,32 +66,52 @@ def message_from_row(row: asyncpg.Record, parent_column: int = 8) -> shapes.Mess
     )
 
 
-# Where the read models stand, the caller's newest event (in log order, by the user's own index)
-# and, if asked, the event at a position: one round trip, answered from the database, so that a
-# write answered by any instance of the service counts.
-_READABLE: Final = """
-SELECT c.tx_id, c.position, own.tx_id, own.position, asked.tx_id
-FROM projection_checkpoints AS c
+# The caller's newest event (in log order, by the user's own index) and, if asked, the event at a
+# position: found in the database, so that a write answered by any instance of the service counts.
+_TARGETS: Final = """
 LEFT JOIN LATERAL (
     SELECT tx_id, position FROM events WHERE user_id = $1 ORDER BY tx_id DESC, position DESC LIMIT 1
 ) AS own ON true
 LEFT JOIN LATERAL (SELECT tx_id FROM events WHERE position = $2) AS asked ON true
+"""
+# Where the read models stand, and the targets: one round trip.
+_READABLE: Final = f"""
+SELECT c.tx_id, c.position, own.tx_id, own.position, asked.tx_id
+FROM projection_checkpoints AS c {_TARGETS}
 WHERE c.name = 'conversations'
 """
+# With a replica, the targets come from the primary (where an answered write is certain to be) and
+# the checkpoint from the replica (whose read rows it vouches for: a standby replays WAL in commit
+# order, so the rows written with a checkpoint are there once the checkpoint is).
+_PRIMARY_TARGETS: Final = f"SELECT NULL, NULL, own.tx_id, own.position, asked.tx_id FROM (VALUES (1)) AS c {_TARGETS}"
+_CHECKPOINT: Final = "SELECT tx_id, position FROM projection_checkpoints WHERE name = 'conversations'"
 
 
-async def wait_until_readable(pool: Any, user_id: str, min_position: int | None, wait_seconds: float) -> None:
+async def wait_until_readable(
+    pool: Any, user_id: str, min_position: int | None, wait_seconds: float, replica: Any = None
+) -> None:
     """Return once the read tables include the caller's own newest event and, with `min_position`,
     the event at that position and every event before it in log order (API.md: a user always
-    reads their own writes).
+    reads their own writes); those of `replica` (a physical standby of `pool`'s database) if
+    given, else those of `pool`'s.
 
     Raises NotReady after `wait_seconds`, also for a `min_position` that does not exist (yet).
     """
     deadline = time.monotonic() + wait_seconds
     delay = 0.001
+    targets: Sequence[Any] | None = None
     while True:
-        async with pool.acquire() as conn:
-            row = await conn.fetchrow(_READABLE, user_id, min_position)
+        row: Sequence[Any] | None
+        if replica is None:
+            async with pool.acquire() as conn:
+                row = await conn.fetchrow(_READABLE, user_id, min_position)
+        else:
+            if targets is None or (min_position is not None and targets[4] is None):
+                async with pool.acquire() as conn:
+                    targets = await conn.fetchrow(_PRIMARY_TARGETS, user_id, min_position)
+            async with replica.acquire() as conn:
+                checkpoint = await conn.fetchrow(_CHECKPOINT)
+            row = None if checkpoint is None or targets is None else (*checkpoint, *targets[2:])
         if row is not None and _includes(row, min_position):
             return
         if time.monotonic() + delay > deadline:
@@ -101,7 +122,7 @@ async def wait_until_readable(pool: Any, user_id: str, min_position: int | None,
         delay = min(delay * 2, 0.05)
 
 
-def _includes(row: asyncpg.Record, min_position: int | None) -> bool:
+def _includes(row: Sequence[Any], min_position: int | None) -> bool:
     """Whether the checkpoint in `row` (of `_READABLE`) has passed both targets."""
     checkpoint = Checkpoint(int(row[0]), row[1])
     if row[2] is not None and checkpoint < Checkpoint(int(row[2]), row[3]):
