@@ -71,7 +71,7 @@ async def test_reads_come_from_the_standby_and_wait_for_its_replay(replicated: R
     api, primary, standby = replicated
     user, other = new_user(), new_user()
     cid = (await api.create(user))["id"]
-    await api.say(user, cid, "before the pause")
+    before = await api.say(user, cid, "before the pause")
     other_cid = (await api.create(other))["id"]
     await api.say(other, other_cid, "the other's")
     assert (await messages(api, other, other_cid)).status_code == 200
@@ -108,6 +108,8 @@ async def test_reads_come_from_the_standby_and_wait_for_its_replay(replicated: R
     r = await messages(api, user, cid)
     assert r.status_code == 200, r.text
     assert [m["content"] for m in r.json()["data"]] == ["before the pause", "during the pause"]
+    r = await messages(api, user, cid, as_of=before["position"])  # folded from the standby's log
+    assert r.status_code == 200 and [m["content"] for m in r.json()["data"]] == ["before the pause"], r.text
     deadline = time.monotonic() + 10
     while (lag := (await api.client.get("/readyz")).json()["replica"])["lag_bytes"] != 0:
         assert time.monotonic() < deadline, f"the standby did not catch up: {lag}"
