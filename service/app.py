@@ -33,6 +33,7 @@ from service.database import head_revision
 from service.eventstore import EventStore
 from service.metrics import ChatlogCollector, make_registry
 from service.problems import EXCEPTION_HANDLERS
+from service.replicas import ReplicaStatus, primary_lsn, replica_status
 from service.sealing import Keyring
 from service.settings import Settings
 from service.workers import start_workers, worker_states
@@ -56,6 +57,8 @@ class Readiness(msgspec.Struct):
     # The age of the oldest transaction on the server that holds the projections back (0: none).
     horizon_held_seconds: float
     horizon_holder: HorizonHolder | None
+    # With CHATLOG_READ_DATABASE_URL only: the read replica's state and replay lag.
+    replica: ReplicaStatus | msgspec.UnsetType = msgspec.UNSET
 
 
 @get("/healthz", sync_to_thread=False, tags=["operations"])
@@ -70,13 +73,14 @@ def healthz() -> Health:
     responses={503: ResponseSpec(data_container=Readiness, description="not ready (the body says what is missing)")},
 )
 async def readyz(state: State) -> Response[Readiness]:
-    """200 when the database answers, the schema is at the newest migration and no projection
-    has stopped on an event it could not apply; 503 otherwise. Lists each projection's position
-    and lag."""
+    """200 when the database (and the read replica, if there is one) answers, the schema is at the
+    newest migration and no projection has stopped on an event it could not apply; 503 otherwise.
+    Lists each projection's position and lag, and the replica's replay lag."""
     expected: str = state.head_revision
     revision: str | None = None
     projections: dict[str, ProjectionStatus] = {}
     holder: HorizonHolder | None = None
+    lsn: str | None = None
     database = "ok"
     try:
         async with state.pool.acquire() as conn:
@@ -85,13 +89,20 @@ async def readyz(state: State) -> Response[Readiness]:
             if revision == expected:
                 projections = await projection_status(conn, list(PROJECTIONS))
             holder = await horizon_holder(conn)
+            if state.replica is not None:
+                lsn = await primary_lsn(conn)
     except Exception as exc:
         log.warning("readiness check could not reach the database: %s: %s", type(exc).__name__, exc)
         database = "unavailable"
+    replica = msgspec.UNSET if state.replica is None else await replica_status(state.replica, lsn)
     workers = worker_states(state.workers)
     running = all(w in ("active", "standby", "reconnecting") for w in workers.values())
     ready = (
-        database == "ok" and revision == expected and running and all(p.status == "ok" for p in projections.values())
+        database == "ok"
+        and revision == expected
+        and running
+        and all(p.status == "ok" for p in projections.values())
+        and (replica is msgspec.UNSET or replica.status == "ok")
     )
     body = Readiness(
         status="ready" if ready else "not_ready",
@@ -102,6 +113,7 @@ async def readyz(state: State) -> Response[Readiness]:
         workers=workers,
         horizon_held_seconds=round(holder.seconds, 3) if holder else 0.0,
         horizon_holder=holder,
+        replica=replica,
     )
     return Response(body, status_code=200 if ready else 503)
 
@@ -112,16 +124,21 @@ METRICS_MEDIA_TYPE = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
 
 @get("/metrics", tags=["operations"], media_type=METRICS_MEDIA_TYPE)
 async def metrics(state: State) -> Response[bytes]:
-    """Prometheus text: events appended, each projection's position and lag."""
+    """Prometheus text: events appended, each projection's position and lag, the replica's lag."""
     collector: ChatlogCollector = state.metrics_collector
+    lsn: str | None = None
     try:
         async with state.pool.acquire() as conn:
             collector.projections = await projection_status(conn, list(PROJECTIONS))
             holder = await horizon_holder(conn)
             collector.horizon_held_seconds = holder.seconds if holder else 0.0
+            if state.replica is not None:
+                lsn = await primary_lsn(conn)
     except Exception as exc:
         log.warning("metrics could not read projection status: %s: %s", type(exc).__name__, exc)
         collector.projections = {}
+    if state.replica is not None:
+        collector.replica = await replica_status(state.replica, lsn)
     return Response(generate_latest(state.metrics_registry), media_type=METRICS_MEDIA_TYPE)
 
 
@@ -129,7 +146,7 @@ def create_app(settings: Settings) -> Litestar:
     """The app for `settings`, whose `database_url` must be resolved (see `service.cli`)."""
     if not settings.database_url:
         raise ValueError("create_app needs settings.database_url")
-    url = settings.database_url
+    url, read_url = settings.database_url, settings.read_database_url
     keyring = Keyring.from_settings(settings)
     registry, collector = make_registry()
     request_metrics = RequestMetrics(registry)
@@ -137,13 +154,19 @@ def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pool = ConnectionPool(url, size=settings.db_pool_size)
+        # The read routes' rows come from the replica; their own-writes checks and everything
+        # else from the primary (README, "Read replicas").
+        replica = ConnectionPool(read_url, size=settings.db_pool_size) if read_url else None
+        app.state.replica, app.state.reads = replica, replica or pool
         appends = ConnectionPool.for_appends(url, size=max(4, settings.db_pool_size // 2))
         store = EventStore(appends, keyring, group_commit=settings.group_commit)
         collector.store = store
         app.state.pool, app.state.store = pool, store
         app.state.chat = Chat(settings, store, app.state.heads, make_assistant(settings))
         workers = app.state.workers = start_workers(settings, keyring, store) if settings.run_workers else {}
-        tools = mcp.Tools(settings, pool, store, app.state.heads, app.state.cursors, mcp.http_user(app.state.verifier))
+        tools = mcp.Tools(
+            settings, pool, store, app.state.heads, app.state.cursors, mcp.http_user(app.state.verifier), replica
+        )
         app.state.mcp = mcp.session_manager(mcp.build_server(tools))
         try:
             async with app.state.mcp.run():
@@ -156,6 +179,8 @@ def create_app(settings: Settings) -> Litestar:
             await store.aclose()
             await appends.close()
             await pool.close()
+            if replica is not None:
+                await replica.close()
 
     app = Litestar(
         route_handlers=[healthz, readyz, metrics, *ROUTES, *CHAT_ROUTES, *SEARCH_ROUTES, *page.ROUTES, mcp.mount],

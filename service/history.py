@@ -20,10 +20,12 @@ from service.commands import (
     prior_answer,
     stored_events,
 )
+from service.connections import ConnectionPool
 from service.errors import BadRequest
 from service.events import ConversationForked, MessageAppended
 from service.eventstore import EventStore, NotFound, RecordedEvent, read_stream
 from service.ids import uuid7
+from service.sealing import Keyring
 
 MAX_FORK_MESSAGES: Final = 10_000
 
@@ -37,14 +39,15 @@ _HEAD_TYPE = "SELECT type FROM events WHERE stream_id = $1 AND user_id = $2 ORDE
 
 
 async def _as_of(
-    store: EventStore, user_id: str, conversation_id: uuid.UUID, position: int
+    pool: ConnectionPool, keyring: Keyring, user_id: str, conversation_id: uuid.UUID, position: int
 ) -> tuple[Conversation, list[RecordedEvent]]:
     """The conversation and its events once every event at or before `position` was applied (only
-    those are read and opened); 404 if it did not exist yet, or is deleted now (its content erased)."""
-    async with store.pool.acquire() as conn:
+    those are read and opened); 404 if it did not exist yet, or is deleted now (its content erased).
+    `pool` is the read routes' (a replica's, README): the caller waited for its own writes there."""
+    async with pool.acquire() as conn:
         if await conn.fetchval(_HEAD_TYPE, conversation_id, user_id) in (None, "conversation.deleted"):
             raise NotFound(str(conversation_id))
-        upto = await read_stream(conn, store.keyring, user_id, conversation_id, until_position=position)
+        upto = await read_stream(conn, keyring, user_id, conversation_id, until_position=position)
     state = fold_stream(upto)
     if state is None:
         raise NotFound(str(conversation_id))
@@ -52,14 +55,15 @@ async def _as_of(
 
 
 async def conversation_as_of(
-    store: EventStore, user_id: str, conversation_id: uuid.UUID, position: int
+    pool: ConnectionPool, keyring: Keyring, user_id: str, conversation_id: uuid.UUID, position: int
 ) -> shapes.Conversation:
-    state, _ = await _as_of(store, user_id, conversation_id, position)
+    state, _ = await _as_of(pool, keyring, user_id, conversation_id, position)
     return conversation_view(state)
 
 
 async def messages_as_of(
-    store: EventStore,
+    pool: ConnectionPool,
+    keyring: Keyring,
     user_id: str,
     conversation_id: uuid.UUID,
     position: int,
@@ -72,7 +76,7 @@ async def messages_as_of(
 ) -> tuple[list[shapes.Message], list[Any] | None]:
     """A page of the conversation's messages as they were at `position`: the branch that was
     active then (or ends at `leaf_id`), or the whole tree; the keyset is the index in that list."""
-    state, upto = await _as_of(store, user_id, conversation_id, position)
+    state, upto = await _as_of(pool, keyring, user_id, conversation_id, position)
     parents = parents_of(upto)
     if tree:
         listed = [e for e in upto if isinstance(e.event, MessageAppended)]

@@ -77,7 +77,8 @@ MinPosition = Annotated[
 
 
 class Tools:
-    """What the tools need: the app's store, pool and signers, and who the caller is."""
+    """What the tools need: the app's store, pools and signers, and who the caller is. The reads
+    read from `replica` when there is one, as the HTTP reads do."""
 
     def __init__(
         self,
@@ -87,9 +88,12 @@ class Tools:
         heads: commands.ConversationHeads,
         cursors: Cursors,
         user_of: Callable[[Context], Awaitable[str]],
+        replica: ConnectionPool | None = None,
     ) -> None:
         self.settings, self.pool, self.store, self.heads, self.cursors = settings, pool, store, heads, cursors
         self.user_of = user_of
+        self.replica = replica
+        self.reads = replica or pool
 
 
 _UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
@@ -174,7 +178,9 @@ def build_server(tools: Tools) -> MCPServer:
 
     async def readable(user: str, min_position: int | None) -> None:
         """As the HTTP reads: the user's own writes (and `min_position`), or 503 `not_ready` in time."""
-        await queries.wait_until_readable(tools.pool, user, min_position, tools.settings.read_wait_seconds)
+        await queries.wait_until_readable(
+            tools.pool, user, min_position, tools.settings.read_wait_seconds, tools.replica
+        )
 
     async def run(ctx: Context, call: Callable[[str], Awaitable[dict[str, Any]]]) -> CallToolResult:
         """A tool's body, for the caller, as compact JSON text (and the same as structured
@@ -201,7 +207,7 @@ def build_server(tools: Tools) -> MCPServer:
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
 
             async def fetch(count: int) -> tuple[list[shapes.Conversation], list[Any] | None]:
-                async with tools.pool.acquire() as conn:
+                async with tools.reads.acquire() as conn:
                     return await queries.list_conversations(conn, user, count, True, after)
 
             items, next_after = await _fitted(fetch, limit, _conversation, budget)
@@ -230,7 +236,7 @@ def build_server(tools: Tools) -> MCPServer:
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
 
             async def fetch(count: int) -> tuple[list[shapes.Message], list[Any] | None]:
-                async with tools.pool.acquire() as conn:  # the active branch (API.md, MCP)
+                async with tools.reads.acquire() as conn:  # the active branch (API.md, MCP)
                     return await queries.list_branch(conn, user, cid, count, order == "desc", None, after)
 
             items, next_after = await _fitted(fetch, limit, _message, budget)
@@ -262,7 +268,7 @@ def build_server(tools: Tools) -> MCPServer:
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
 
             async def fetch(count: int) -> tuple[list[searching.SearchResult], list[Any] | None]:
-                async with tools.pool.acquire() as conn:
+                async with tools.reads.acquire() as conn:
                     return await searching.search_messages(
                         conn,
                         user,
@@ -550,6 +556,7 @@ async def serve_stdio(settings: Settings, user: str) -> None:
 
     assert settings.database_url
     pool = ConnectionPool(settings.database_url, size=4)
+    replica = ConnectionPool(settings.read_database_url, size=4) if settings.read_database_url else None
     keyring = Keyring.from_settings(settings)
     store = EventStore(pool, keyring, group_commit=settings.group_commit)
     workers = start_workers(settings, keyring, store) if settings.run_workers else {}
@@ -558,7 +565,7 @@ async def serve_stdio(settings: Settings, user: str) -> None:
         return user
 
     cursors = Cursors(settings.cursor_secret or jwt_secret(settings))
-    tools = Tools(settings, pool, store, commands.ConversationHeads(), cursors, fixed_user)
+    tools = Tools(settings, pool, store, commands.ConversationHeads(), cursors, fixed_user, replica)
     try:
         await build_server(tools).run_stdio_async()
     finally:
@@ -567,3 +574,5 @@ async def serve_stdio(settings: Settings, user: str) -> None:
             await asyncio.gather(task, return_exceptions=True)
         await store.aclose()
         await pool.close()
+        if replica is not None:
+            await replica.close()

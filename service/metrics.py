@@ -1,4 +1,4 @@
-"""Prometheus metrics: events appended, and each projection's position and lag.
+"""Prometheus metrics: events appended, each projection's position and lag, a read replica's lag.
 
 Projection figures come from the database at scrape time (any process may run the workers), so
 the handler fetches them and a collector of this app's own registry reports them.
@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from projections.worker import ProjectionStatus
 from service.eventstore import EventStore
+from service.replicas import ReplicaStatus
 
 
 class ChatlogCollector(Collector):
@@ -21,6 +22,7 @@ class ChatlogCollector(Collector):
         self.store: EventStore | None = None  # set once the app has started
         self.projections: dict[str, ProjectionStatus] = {}
         self.horizon_held_seconds = 0.0
+        self.replica: ReplicaStatus | None = None  # with a read replica, as of the last scrape
 
     def collect(self) -> Iterator[Metric]:
         appended = self.store.appended_events if self.store is not None else 0
@@ -50,6 +52,21 @@ class ChatlogCollector(Collector):
             "Age of the oldest transaction on the server that holds the projections back (0: none)",
             value=self.horizon_held_seconds,
         )
+        if self.replica is not None:
+            up = 1.0 if self.replica.status == "ok" else 0.0
+            yield GaugeMetricFamily("chatlog_replica_up", "1 when the read replica answers", value=up)
+            if self.replica.lag_bytes is not None:
+                yield GaugeMetricFamily(
+                    "chatlog_replica_lag_bytes",
+                    "WAL written on the primary that the read replica has not replayed",
+                    value=self.replica.lag_bytes,
+                )
+            if self.replica.lag_seconds is not None:
+                yield GaugeMetricFamily(
+                    "chatlog_replica_lag_seconds",
+                    "Age of the read replica's last replayed commit while WAL is still to replay (0: none)",
+                    value=self.replica.lag_seconds,
+                )
 
 
 def make_registry() -> tuple[CollectorRegistry, ChatlogCollector]:

@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any, Final
 
+import asyncpg
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
@@ -178,6 +179,11 @@ EXCEPTION_HANDLERS: Final[dict[int | type[Exception], Any]] = {
     UnicodeDecodeError: lambda r, e: problem(422, "the body is not valid UTF-8"),
     RecursionError: _recursion,
     **dict.fromkeys(DATABASE_UNAVAILABLE, _unavailable),
+    # A serialization failure or deadlock that reached no retry of ours; on a read replica, a
+    # read that its replay cancelled ("conflict with recovery", 40001). Retrying it is the answer.
+    asyncpg.exceptions.TransactionRollbackError: lambda r, e: problem(
+        503, "the read conflicted with concurrent changes; retry shortly", headers={"Retry-After": "1"}
+    ),
     Unauthorized: lambda r, e: problem(401, _clean(str(e)), headers={"WWW-Authenticate": "Bearer"}),
     NotReady: lambda r, e: problem(503, str(e), headers={"Retry-After": str(e.retry_after)}),
     AssistantError: lambda r, e: problem(

@@ -67,25 +67,31 @@ def message_from_row(row: asyncpg.Record, parent_column: int = 8) -> shapes.Mess
     )
 
 
-# Where the read models stand, the caller's newest event (in log order, by the user's own index)
-# and, if asked, the event at a position: one round trip, answered from the database, so that a
-# write answered by any instance of the service counts.
-_READABLE: Final = """
-SELECT c.tx_id, c.position, own.tx_id, own.position, asked.tx_id
-FROM projection_checkpoints AS c
+# The caller's newest event (in log order, by the user's own index) and, if asked, the event at a
+# position: found in the database, so that a write answered by any instance of the service counts.
+_TARGETS: Final = """
 LEFT JOIN LATERAL (
     SELECT tx_id, position FROM events WHERE user_id = $1 ORDER BY tx_id DESC, position DESC LIMIT 1
 ) AS own ON true
 LEFT JOIN LATERAL (SELECT tx_id FROM events WHERE position = $2) AS asked ON true
+"""
+# Where the read models stand, and the targets: one round trip.
+_READABLE: Final = f"""
+SELECT c.tx_id, c.position, own.tx_id, own.position, asked.tx_id
+FROM projection_checkpoints AS c {_TARGETS}
 WHERE c.name = 'conversations'
 """
+# With a replica, the targets come from the primary (where an answered write is certain to be) and
+# the checkpoint from the replica (whose read rows it vouches for: a standby replays WAL in commit
+# order, so the rows written with a checkpoint are there once the checkpoint is).
+_PRIMARY_TARGETS: Final = f"SELECT NULL, NULL, own.tx_id, own.position, asked.tx_id FROM (VALUES (1)) AS c {_TARGETS}"
+_CHECKPOINT: Final = "SELECT tx_id, position FROM projection_checkpoints WHERE name = 'conversations'"
 
 
 # On Citus (service/citus.py) the checkpoint is on the coordinator, the rows on the user's worker,
 # and a projection batch over several workers commits in two phases: the coordinator first. The
 # batch also leaves its checkpoint beside the user's rows (`projection_marks`): the caller's newest
 # event counts as readable once that mark, read from the user's shard with the event, has passed it.
-_CHECKPOINT: Final = "SELECT tx_id, position FROM projection_checkpoints WHERE name = 'conversations'"
 _OWN_AND_MARK: Final = """
 SELECT own.tx_id, own.position, mark.tx_id, mark.position
 FROM (SELECT tx_id, position FROM events WHERE user_id = $1 ORDER BY tx_id DESC, position DESC LIMIT 1) AS own
@@ -107,21 +113,34 @@ async def _readable_distributed(conn: asyncpg.Connection, user_id: str, min_posi
     return (checkpoint[0], checkpoint[1], own_tx, own_position, asked)
 
 
-async def wait_until_readable(pool: Any, user_id: str, min_position: int | None, wait_seconds: float) -> None:
+async def wait_until_readable(
+    pool: Any, user_id: str, min_position: int | None, wait_seconds: float, replica: Any = None
+) -> None:
     """Return once the read tables include the caller's own newest event and, with `min_position`,
     the event at that position and every event before it in log order (API.md: a user always
-    reads their own writes).
+    reads their own writes); those of `replica` (a physical standby of `pool`'s database) if
+    given, else those of `pool`'s.
 
     Raises NotReady after `wait_seconds`, also for a `min_position` that does not exist (yet).
     """
     deadline = time.monotonic() + wait_seconds
     delay = 0.001
+    targets: Sequence[Any] | None = None
     while True:
-        async with pool.acquire() as conn:
-            if await is_distributed(conn):
-                row = await _readable_distributed(conn, user_id, min_position)
-            else:
-                row = await conn.fetchrow(_READABLE, user_id, min_position)
+        row: Sequence[Any] | None
+        if replica is None:
+            async with pool.acquire() as conn:
+                if await is_distributed(conn):
+                    row = await _readable_distributed(conn, user_id, min_position)
+                else:
+                    row = await conn.fetchrow(_READABLE, user_id, min_position)
+        else:
+            if targets is None or (min_position is not None and targets[4] is None):
+                async with pool.acquire() as conn:
+                    targets = await conn.fetchrow(_PRIMARY_TARGETS, user_id, min_position)
+            async with replica.acquire() as conn:
+                checkpoint = await conn.fetchrow(_CHECKPOINT)
+            row = None if checkpoint is None or targets is None else (*checkpoint, *targets[2:])
         if row is not None and _includes(row, min_position):
             return
         if time.monotonic() + delay > deadline:

@@ -17,6 +17,9 @@ class SettingsError(ValueError):
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str | None = None
+    # A physical standby of the database for the read routes (README, "Read replicas"); unset:
+    # every read on database_url.
+    read_database_url: str | None = None
     data_dir: Path = Path(".chatlog")
     jwt_secret: str | None = None
     jwt_jwks_url: str | None = None
@@ -68,8 +71,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raw = env.get(f"CHATLOG_{field.name.upper()}")
             if raw is not None and raw != "":
                 values[field.name] = raw
-        if "database_url" in values:
-            values["database_url"] = database_url(str(values["database_url"]))
+        for name in ("database_url", "read_database_url"):
+            if name in values:
+                values[name] = database_url(str(values[name]), f"CHATLOG_{name.upper()}")
         try:
             return msgspec.convert(values, cls, strict=False, dec_hook=_decode_path)
         except msgspec.ValidationError as exc:
@@ -84,16 +88,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 _ASYNCPG_PARAMETERS: Final = frozenset({"host", "port", "ssl", "target_session_attrs", "prepared_statement_cache_size"})
 
 
-def database_url(url: str) -> str:
+def database_url(url: str, setting: str = "CHATLOG_DATABASE_URL") -> str:
     """`url` in the form chatlog connects with: a libpq-style `postgresql://` (or `postgres://`)
     URL gets the asyncpg driver and libpq's `sslmode` becomes asyncpg's `ssl` (same values);
     another driver, or a query parameter asyncpg does not take, is an error here rather than a
-    failed import or connect later."""
+    failed import or connect later. `setting` names the variable in the errors."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise SettingsError("CHATLOG_DATABASE_URL must be a URL such as postgresql://user:password@host:5432/db")
+        raise SettingsError(f"{setting} must be a URL such as postgresql://user:password@host:5432/db")
     if scheme not in ("postgresql", "postgres", "postgresql+asyncpg"):
-        raise SettingsError(f"CHATLOG_DATABASE_URL: chatlog connects with asyncpg; use postgresql://, not {scheme}://")
+        raise SettingsError(f"{setting}: chatlog connects with asyncpg; use postgresql://, not {scheme}://")
     address, _, query = rest.partition("?")
     address, hosts = _hosts_out_of(address)
     parameters = list(hosts)
@@ -101,7 +105,7 @@ def database_url(url: str) -> str:
         name = "ssl" if name == "sslmode" else name
         if name not in _ASYNCPG_PARAMETERS:
             raise SettingsError(
-                f"CHATLOG_DATABASE_URL: the parameter {name!r} is not supported; "
+                f"{setting}: the parameter {name!r} is not supported; "
                 f"use one of sslmode, {', '.join(sorted(_ASYNCPG_PARAMETERS))}"
             )
         parameters.append((name, value))

@@ -102,6 +102,20 @@ class Cluster:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+def standby_of(primary: Cluster) -> Cluster:
+    """A physical standby of `primary` (pg_basebackup -R: streaming from it), not started yet."""
+    standby = Cluster(primary.bin)
+    standby._run(
+        str(primary.bin / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+        "-D", str(standby.data), "-R", "-X", "stream", "--checkpoint=fast",
+    )  # fmt: skip
+    with (standby.data / "postgresql.conf").open("a") as conf:  # the copy has the primary's settings
+        conf.write(f"\nport = {standby.port}\nunix_socket_directories = '{standby.base}'\n")
+        # Once promoted it has no standby of its own: it must not wait for one at every commit.
+        conf.write("synchronous_standby_names = ''\n")
+    return standby
+
+
 def chatlog_env(url: str, data: Path, **settings: str) -> dict[str, str]:
     """The environment of a `chatlog serve` on `url` for a drill (the tests' JWT secret, quick polls)."""
     from tests.keys import MASTER_KEY

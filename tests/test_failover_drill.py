@@ -15,23 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.clusters import Appends, Cluster, chatlog_env, pages, require_pg_bin
+from tests.clusters import Appends, Cluster, chatlog_env, pages, require_pg_bin, standby_of
 from tests.support import Api, _free_port, new_user, serve
 
 pytestmark = pytest.mark.cluster
-
-
-def standby_of(primary: Cluster) -> Cluster:
-    standby = Cluster(primary.bin)
-    standby._run(
-        str(primary.bin / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
-        "-D", str(standby.data), "-R", "-X", "stream", "--checkpoint=fast",
-    )  # fmt: skip
-    with (standby.data / "postgresql.conf").open("a") as conf:  # the copy has the primary's settings
-        conf.write(f"\nport = {standby.port}\nunix_socket_directories = '{standby.base}'\n")
-        # Once promoted it has no standby of its own: it must not wait for one at every commit.
-        conf.write("synchronous_standby_names = ''\n")
-    return standby
 
 
 async def test_failover_to_a_synchronous_standby_loses_no_acknowledged_append(tmp_path: Path) -> None:

@@ -121,8 +121,9 @@ def idempotency(request: Request[Any, Any, State], key: str | None, body: msgspe
 
 
 async def wait(state: State, user: str, min_position: int | None) -> None:
-    """Every read waits for the read models to hold the caller's own writes (and `min_position`)."""
-    await queries.wait_until_readable(state.pool, user, min_position, state.settings.read_wait_seconds)
+    """Every read waits for the read models to hold the caller's own writes (and `min_position`):
+    those it reads, `state.reads` (the replica's, when there is one: README, "Read replicas")."""
+    await queries.wait_until_readable(state.pool, user, min_position, state.settings.read_wait_seconds, state.replica)
 
 
 def answered(body: Any, status: int, replayed: bool) -> LitestarResponse[Any]:
@@ -165,7 +166,7 @@ async def list_conversations(
     await wait(state, user, min_position)
     scope = f"conversations:{order}"
     after = state.cursors.decode(cursor, scope, user) if cursor is not None else None
-    async with state.pool.acquire() as conn:
+    async with state.reads.acquire() as conn:
         page, next_after = await queries.list_conversations(conn, user, limit, order == "desc", after)
     return page_of(state.cursors, scope, user, page, next_after)
 
@@ -183,8 +184,8 @@ async def get_conversation(
     await wait(state, user, min_position)
     cid = parse_uuid(conversation_id)
     if as_of is not None:
-        return await history.conversation_as_of(state.store, user, cid, as_of)
-    async with state.pool.acquire() as conn:
+        return await history.conversation_as_of(state.reads, state.store.keyring, user, cid, as_of)
+    async with state.reads.acquire() as conn:
         return await queries.get_conversation(conn, user, cid)
 
 
@@ -327,11 +328,11 @@ async def list_messages(
     after = state.cursors.decode(cursor, scope, user) if cursor is not None else None
     if as_of is not None:
         page, next_after = await history.messages_as_of(
-            state.store, user, cid, as_of,
+            state.reads, state.store.keyring, user, cid, as_of,
             limit=limit, descending=order == "desc", leaf_id=leaf, tree=tree, after=after,
         )  # fmt: skip
         return page_of(state.cursors, scope, user, page, next_after)
-    async with state.pool.acquire() as conn:
+    async with state.reads.acquire() as conn:
         if tree:
             page, next_after = await queries.list_messages(conn, user, cid, limit, order == "desc", after)
         else:
@@ -353,7 +354,9 @@ async def list_events(
 ) -> shapes.Page[shapes.LogEvent]:
     if after is not None and cursor is not None:
         raise BadRequest("give either after or cursor, not both", field="after")
-    await wait(state, user, None)  # the caller's answered writes are in the feed, as in every read
+    # The caller's answered writes are in the feed, as in every read. The feed reads the log on
+    # the primary (gap-safely, below the primary's horizon), so it waits for the primary's checkpoint.
+    await queries.wait_until_readable(state.pool, user, None, state.settings.read_wait_seconds)
     async with state.pool.acquire() as conn:
         if cursor is not None:
             tx_id, position = _pair(state.cursors.decode(cursor, "events", user))

@@ -43,7 +43,7 @@ async def search(
     cid = parse_uuid(conversation_id) if conversation_id is not None else None
     scope = searching.cursor_scope(q, cid, role)
     after = cursors.decode(cursor, scope, user) if cursor is not None else None
-    async with state.pool.acquire() as conn:
+    async with state.reads.acquire() as conn:
         page, next_after = await searching.search_messages(
             conn, user, state.settings.search_config, q, conversation_id=cid, role=role, limit=limit, after=after
         )
