@@ -83,7 +83,7 @@ async def readyz(state: State) -> Response[Readiness]:
             if await conn.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL"):
                 revision = await conn.fetchval("SELECT version_num FROM alembic_version")
             if revision == expected:
-                projections = await projection_status(conn, list(PROJECTIONS))
+                projections = await projection_status(conn, list(PROJECTIONS), state.settings.projection_slices)
             holder = await horizon_holder(conn)
     except Exception as exc:
         log.warning("readiness check could not reach the database: %s: %s", type(exc).__name__, exc)
@@ -116,7 +116,7 @@ async def metrics(state: State) -> Response[bytes]:
     collector: ChatlogCollector = state.metrics_collector
     try:
         async with state.pool.acquire() as conn:
-            collector.projections = await projection_status(conn, list(PROJECTIONS))
+            collector.projections = await projection_status(conn, list(PROJECTIONS), state.settings.projection_slices)
             holder = await horizon_holder(conn)
             collector.horizon_held_seconds = holder.seconds if holder else 0.0
     except Exception as exc:

@@ -251,6 +251,11 @@ ORDER BY e.tx_id, e.position
 LIMIT $3
 """
 
+# A projection slice's share of `_READ_ALL` (projections/slices.py): the same statement with one
+# added predicate, derived from it so that the two cannot drift apart.
+_READ_SLICE = _READ_ALL.replace("\nORDER BY", "\n  AND hashtext(e.user_id) BETWEEN $4 AND $5\nORDER BY", 1)
+assert _READ_SLICE != _READ_ALL
+
 # The worker holds the keys of the streams it folds until its batch commits: an erasure waits
 # for it (and then deletes what it wrote), or has committed and the batch sees no key.
 _HOLD_KEYS = "SELECT stream_id FROM data_keys WHERE stream_id = ANY($1::uuid[]) ORDER BY stream_id FOR KEY SHARE"
@@ -719,9 +724,17 @@ async def read_stream(
 
 
 async def read_all(
-    conn: asyncpg.Connection, keyring: Keyring, after: Checkpoint, limit: int = 1000, *, hold_keys: bool = False
+    conn: asyncpg.Connection,
+    keyring: Keyring,
+    after: Checkpoint,
+    limit: int = 1000,
+    *,
+    hold_keys: bool = False,
+    hashes: tuple[int, int] | None = None,
 ) -> list[RecordedEvent]:
-    """The next events of the whole log after `after`, gap-safely (see the module docstring).
+    """The next events of the whole log after `after`, gap-safely (see the module docstring);
+    with `hashes`, only the users whose `hashtext(user_id)` lies in that inclusive range (a
+    projection slice's, projections/slices.py).
 
     If the reader's transaction already has an id (the worker locks its checkpoint row first),
     the horizon stops at that id: events of newer transactions wait for the next read. With
@@ -729,7 +742,10 @@ async def read_all(
     erasure cannot commit between this read and what the reader writes from it; a key erased
     since the read makes its stream's events erased here too.
     """
-    rows = await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
+    if hashes is None:
+        rows = await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
+    else:
+        rows = await conn.fetch(_READ_SLICE, after.tx_id, after.position, limit, *hashes)
     erased: frozenset[uuid.UUID] = frozenset()
     if hold_keys and rows:
         keyed = list({row[2] for row in rows if row[11] is not None})

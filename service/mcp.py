@@ -174,7 +174,9 @@ def build_server(tools: Tools) -> MCPServer:
 
     async def readable(user: str, min_position: int | None) -> None:
         """As the HTTP reads: the user's own writes (and `min_position`), or 503 `not_ready` in time."""
-        await queries.wait_until_readable(tools.pool, user, min_position, tools.settings.read_wait_seconds)
+        await queries.wait_until_readable(
+            tools.pool, user, min_position, tools.settings.read_wait_seconds, tools.settings.projection_slices
+        )
 
     async def run(ctx: Context, call: Callable[[str], Awaitable[dict[str, Any]]]) -> CallToolResult:
         """A tool's body, for the caller, as compact JSON text (and the same as structured

@@ -15,6 +15,7 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
+from projections.slices import slice_sql
 from service import shapes
 from service.errors import BadRequest, NotReady
 from service.eventstore import Checkpoint, NotFound, RecordedEvent, read_user
@@ -78,8 +79,19 @@ LEFT JOIN LATERAL (SELECT tx_id FROM events WHERE position = $2) AS asked ON tru
 WHERE c.name = 'conversations'
 """
 
+# With N projection slices: the checkpoint of the caller's slice (projections/slices.py, $3 = N).
+# It moves only with its own users' events, so a `min_position` counts once every transaction up
+# to that event has ended (its event below the horizon) and the caller's newest event is folded:
+# the caller's events up to it are then all visible, and folded in log order before the newest.
+_READABLE_SLICED: Final = _READABLE.replace(
+    "asked.tx_id\n", "asked.tx_id, asked.tx_id < chatlog_horizon()\n", 1
+).replace("c.name = 'conversations'", f"c.name = 'conversations#' || {slice_sql('$1', '$3')} || '/' || $3", 1)
+assert _READABLE_SLICED.count("chatlog_horizon") == 1 and "hashtext" in _READABLE_SLICED
 
-async def wait_until_readable(pool: Any, user_id: str, min_position: int | None, wait_seconds: float) -> None:
+
+async def wait_until_readable(
+    pool: Any, user_id: str, min_position: int | None, wait_seconds: float, slices: int = 1
+) -> None:
     """Return once the read tables include the caller's own newest event and, with `min_position`,
     the event at that position and every event before it in log order (API.md: a user always
     reads their own writes).
@@ -90,8 +102,11 @@ async def wait_until_readable(pool: Any, user_id: str, min_position: int | None,
     delay = 0.001
     while True:
         async with pool.acquire() as conn:
-            row = await conn.fetchrow(_READABLE, user_id, min_position)
-        if row is not None and _includes(row, min_position):
+            if slices == 1:
+                row = await conn.fetchrow(_READABLE, user_id, min_position)
+            else:
+                row = await conn.fetchrow(_READABLE_SLICED, user_id, min_position, slices)
+        if row is not None and _includes(row, min_position, sliced=slices > 1):
             return
         if time.monotonic() + delay > deadline:
             if min_position is None:
@@ -101,13 +116,15 @@ async def wait_until_readable(pool: Any, user_id: str, min_position: int | None,
         delay = min(delay * 2, 0.05)
 
 
-def _includes(row: asyncpg.Record, min_position: int | None) -> bool:
-    """Whether the checkpoint in `row` (of `_READABLE`) has passed both targets."""
+def _includes(row: asyncpg.Record, min_position: int | None, *, sliced: bool = False) -> bool:
+    """Whether the checkpoint in `row` (of `_READABLE`, or `_READABLE_SLICED`) has passed both targets."""
     checkpoint = Checkpoint(int(row[0]), row[1])
     if row[2] is not None and checkpoint < Checkpoint(int(row[2]), row[3]):
         return False
     if min_position is None:
         return True
+    if sliced:
+        return bool(row[5])
     return row[4] is not None and checkpoint >= Checkpoint(int(row[4]), min_position)
 
 
