@@ -12,6 +12,12 @@ conversations are loaded once, events change them in order, then one DELETE, one
 multi-row INSERT write the result. Events of a deleted conversation that come after its deletion
 change nothing (deletion is final); any other event that does not fit — a message for a
 conversation that never started, a second start — is a `ProjectionError`.
+
+Folding an event twice changes nothing: an event whose `stream_version` is at or below the
+conversation row's `version` is skipped (every event that changes a conversation sets it, in
+stream order, which is log order). A change of the slice layout (projections/slices.py) folds
+some events a second time. One gap remains: a conversation deleted by an event of the re-folded
+stretch reappears from its re-folded start until the batch that folds its deletion again.
 """
 
 from __future__ import annotations
@@ -97,6 +103,8 @@ class ConversationsProjection:
             sid = e.stream_id
             if sid not in state and sid in deleted_before:
                 continue  # deletion is final: later events of the stream change nothing
+            if (conv := state.get(sid)) is not None and e.stream_version <= conv.version:
+                continue  # folded before (a new slice layout starts at the old slices' oldest checkpoint)
             after, message = fold(state.get(sid), e, deleted=sid in state and state[sid] is None)
             if after is _UNCHANGED:
                 continue

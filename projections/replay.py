@@ -15,6 +15,12 @@ the rows are in (`Shadow`), before the swap pauses the worker.
 
 Verify folds into shadow tables up to the live checkpoint, then, holding the checkpoint row,
 compares every row both ways and drops them.
+
+With slices (projections/slices.py), a whole replay holds every slice's checkpoint row for the
+swap and moves them all to where it stopped. A replay of one slice folds only that slice's
+users' events into shadow tables, and then, holding the slice's row and the tables against
+writes (readers go on), replaces that slice's rows in the live tables with the shadow's. A whole
+verify checks each slice in turn, each against its own checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import asyncpg
 import msgspec
 
 from projections.base import Projection
-from projections.worker import ProjectionFailed, ensure_checkpoint, lock_key, mark_all_users
+from projections.slices import RETIRED, LayoutMismatch, Slice, adopt_layout, current_layout, layout
+from projections.worker import ProjectionFailed, lock_key, mark_all_users
 from service.citus import is_distributed
 from service.connections import connect_args
 from service.eventstore import Checkpoint, RecordedEvent, read_all
@@ -173,6 +180,7 @@ async def _bulk_fold(
     until: Checkpoint | None,
     batch_size: int,
     progress: Progress | None,
+    hashes: tuple[int, int] | None = None,
 ) -> Checkpoint:
     """Fold the log from its start (up to `until`, or as far as it is readable) into the shadow
     tables `names`; returns where it stopped.
@@ -192,7 +200,7 @@ async def _bulk_fold(
     async def read() -> None:
         nonlocal checkpoint
         try:
-            while not failures and (events := await read_all(reader, keyring, checkpoint, batch_size)):
+            while not failures and (events := await read_all(reader, keyring, checkpoint, batch_size, hashes=hashes)):
                 if until is not None and (events := [e for e in events if e.checkpoint <= until]) == []:
                     break
                 checkpoint = events[-1].checkpoint
@@ -238,11 +246,12 @@ async def _fold_rest(
     *,
     until: Checkpoint | None,
     batch_size: int,
+    hashes: tuple[int, int] | None = None,
 ) -> Checkpoint:
     """Fold the log after `after` (up to `until`, or as far as it is readable) into `names`, in the
     caller's transaction; returns where it stopped."""
     checkpoint = after
-    while events := await read_all(conn, keyring, checkpoint, batch_size):
+    while events := await read_all(conn, keyring, checkpoint, batch_size, hashes=hashes):
         if until is not None and (events := [e for e in events if e.checkpoint <= until]) == []:
             break
         await projection.apply(conn, events, names)
@@ -250,10 +259,29 @@ async def _fold_rest(
     return checkpoint
 
 
-async def _locked_checkpoint(conn: asyncpg.Connection, name: str) -> Checkpoint:
-    row = await conn.fetchrow("SELECT tx_id, position FROM projection_checkpoints WHERE name = $1 FOR UPDATE", name)
-    assert row is not None
-    return Checkpoint(int(row[0]), row[1])
+async def _locked_checkpoint(conn: asyncpg.Connection, names: Sequence[str]) -> Checkpoint:
+    """Lock these checkpoint rows (a layout's, or one slice's); the oldest of their checkpoints."""
+    rows = await conn.fetch(
+        "SELECT tx_id, position, error FROM projection_checkpoints WHERE name = ANY($1::text[]) ORDER BY name "
+        "FOR UPDATE",
+        list(names),
+    )
+    if len(rows) != len(names) or any(r["error"] == RETIRED for r in rows):
+        raise LayoutMismatch("the projection's slice layout changed meanwhile; run the command again")
+    return min(Checkpoint(int(r[0]), r[1]) for r in rows)
+
+
+async def _checked_layout(conn: asyncpg.Connection, projection: Projection, slices: int) -> None:
+    """Checkpoint rows for `slices` slices (made on a database where no worker ran yet), or
+    `LayoutMismatch` if the projection runs as another number of slices."""
+    current = await current_layout(conn, projection.name)
+    if current is None:
+        await adopt_layout(conn, projection.name, slices, lock_key(f"{projection.name}:layout"))
+    elif current != slices:
+        raise LayoutMismatch(
+            f"projection {projection.name} runs as {current} slice(s), not {slices}: "
+            f"set CHATLOG_PROJECTION_SLICES={current}"
+        )
 
 
 @contextlib.contextmanager
@@ -290,13 +318,19 @@ async def replay(
     batch_size: int = 5000,
     progress: Progress | None = None,
     writers: int = WRITERS,
+    slices: int = 1,
+    part: Slice | None = None,
 ) -> Checkpoint:
-    """Rebuild `projection`'s tables from the log and swap them in; returns the new checkpoint."""
+    """Rebuild `projection`'s tables from the log and swap them in (or only slice `part`'s rows,
+    of a projection that runs as `slices` slices); returns the new checkpoint."""
     async with _connections(url, f"replay-{projection.name}", 1 + writers) as (reader, *folders):
         main = folders[0]
         async with _exclusive(main, projection.name):
+            await _checked_layout(main, projection, slices)
+            if part is not None and not part.whole:
+                return await _replay_slice(reader, folders, keyring, projection, part, batch_size, progress)
+            rows = [s.row(projection.name) for s in layout(slices)]
             try:
-                await ensure_checkpoint(main, projection.name)
                 shadow = await _create_shadow(main, projection, REPLAY, logged=True)
                 with _fewer_collections():
                     checkpoint = await _bulk_fold(
@@ -306,7 +340,7 @@ async def replay(
                 await _complete([*folders, reader], projection, shadow)  # before the worker is paused
                 async with main.transaction():
                     await main.execute("SET LOCAL synchronous_commit = on")  # this commit is the replay's result
-                    await _locked_checkpoint(main, projection.name)  # the live worker waits from here on
+                    await _locked_checkpoint(main, rows)  # the live workers wait from here on
                     checkpoint = await _fold_rest(
                         main, keyring, projection, shadow.names, checkpoint, until=None, batch_size=batch_size
                     )
@@ -314,8 +348,8 @@ async def replay(
                     await mark_all_users(main, projection.name, checkpoint)
                     await main.execute(
                         "UPDATE projection_checkpoints SET tx_id = $2::xid8, position = $3, updated_at = now(), "
-                        "error = NULL, failed_position = NULL WHERE name = $1",
-                        projection.name,
+                        "error = NULL, failed_position = NULL WHERE name = ANY($1::text[])",
+                        rows,
                         checkpoint.tx_id,
                         checkpoint.position,
                     )
@@ -323,6 +357,51 @@ async def replay(
             finally:
                 with contextlib.suppress(Exception):
                     await _drop_shadow(main, projection, REPLAY)  # left only by an interrupted replay
+
+
+async def _replay_slice(
+    reader: asyncpg.Connection,
+    folders: Sequence[asyncpg.Connection],
+    keyring: Keyring,
+    projection: Projection,
+    part: Slice,
+    batch_size: int,
+    progress: Progress | None,
+) -> Checkpoint:
+    """Rebuild the rows of one slice's users (see the module docstring)."""
+    main, row, hashes = folders[0], part.row(projection.name), part.bounds
+    names = (await _create_shadow(main, projection, REPLAY, logged=False)).names
+    try:
+        with _fewer_collections():
+            checkpoint = await _bulk_fold(
+                reader, keyring, folders, projection, names,
+                until=None, batch_size=batch_size, progress=progress, hashes=hashes,
+            )  # fmt: skip
+        async with main.transaction():
+            await main.execute("SET LOCAL synchronous_commit = on")
+            await _locked_checkpoint(main, [row])  # the slice's worker waits from here on
+            checkpoint = await _fold_rest(
+                main, keyring, projection, names, checkpoint, until=None, batch_size=batch_size, hashes=hashes
+            )
+            # Writers wait (every erasure that touched the tables has committed); readers go on.
+            await main.execute(f"LOCK TABLE {', '.join(projection.tables)} IN SHARE ROW EXCLUSIVE MODE")
+            await projection.erase(main, names)
+            for table in reversed(projection.tables):
+                await main.execute(f"DELETE FROM {table} WHERE hashtext(user_id) BETWEEN $1 AND $2", *hashes)
+            for table in projection.tables:
+                await main.execute(f"INSERT INTO {table} SELECT * FROM {names[table]}")
+            await mark_all_users(main, projection.name, checkpoint, hashes)
+            await main.execute(
+                "UPDATE projection_checkpoints SET tx_id = $2::xid8, position = $3, updated_at = now(), "
+                "error = NULL, failed_position = NULL WHERE name = $1",
+                row,
+                checkpoint.tx_id,
+                checkpoint.position,
+            )
+        return checkpoint
+    finally:
+        with contextlib.suppress(Exception):
+            await _drop_shadow(main, projection, REPLAY)
 
 
 _INDEX_HEAD = re.compile(r"INDEX \S+ ON \S+")
@@ -384,41 +463,68 @@ async def verify(
     batch_size: int = 5000,
     limit: int = 100,
     writers: int = WRITERS,
+    slices: int = 1,
+    part: Slice | None = None,
 ) -> list[Difference]:
-    """Every row in which the read tables differ from a fresh fold of the log (at most `limit`)."""
+    """Every row in which the read tables differ from a fresh fold of the log (at most `limit`):
+    of slice `part`'s users only, or of every slice of a projection that runs as `slices`."""
     async with _connections(url, f"verify-{projection.name}", 1 + writers) as (reader, *folders):
         main = folders[0]
         async with _exclusive(main, projection.name):
-            await ensure_checkpoint(main, projection.name)
-            row = await main.fetchrow(
-                "SELECT tx_id, position, error, failed_position FROM projection_checkpoints WHERE name = $1",
-                projection.name,
-            )
-            assert row is not None
-            if row["error"] is not None:
-                raise ProjectionFailed(projection.name, row["failed_position"], row["error"])
-            names = (await _create_shadow(main, projection, VERIFY, logged=False)).names
-            try:
-                with _fewer_collections():
-                    done = await _bulk_fold(
-                        reader, keyring, folders, projection, names,
-                        until=Checkpoint(int(row["tx_id"]), row["position"]), batch_size=batch_size, progress=None,
-                    )  # fmt: skip
-                for shadow in names.values():  # statistics for the comparison's join plan
-                    await main.execute(f"ANALYZE {shadow}")
-                async with main.transaction():
-                    live = await _locked_checkpoint(main, projection.name)
-                    await _fold_rest(main, keyring, projection, names, done, until=live, batch_size=batch_size)
-                    await projection.erase(main, names)  # as the live tables: erased at once
-                    return await _differences(main, projection, names, limit)
-            finally:
-                await _drop_shadow(main, projection, VERIFY)
+            await _checked_layout(main, projection, slices)
+            found: list[Difference] = []
+            for each in [part] if part is not None else layout(slices):
+                found += await _verify_part(reader, folders, keyring, projection, each, batch_size, limit - len(found))
+                if len(found) >= limit:
+                    break
+            return found
+
+
+async def _verify_part(
+    reader: asyncpg.Connection,
+    folders: Sequence[asyncpg.Connection],
+    keyring: Keyring,
+    projection: Projection,
+    part: Slice,
+    batch_size: int,
+    limit: int,
+) -> list[Difference]:
+    main, name = folders[0], part.row(projection.name)
+    hashes = None if part.whole else part.bounds
+    row = await main.fetchrow(
+        "SELECT tx_id, position, error, failed_position FROM projection_checkpoints WHERE name = $1", name
+    )
+    assert row is not None
+    if row["error"] is not None:
+        raise ProjectionFailed(name, row["failed_position"], row["error"])
+    names = (await _create_shadow(main, projection, VERIFY, logged=False)).names
+    try:
+        with _fewer_collections():
+            done = await _bulk_fold(
+                reader, keyring, folders, projection, names,
+                until=Checkpoint(int(row["tx_id"]), row["position"]), batch_size=batch_size, progress=None,
+                hashes=hashes,
+            )  # fmt: skip
+        for shadow in names.values():  # statistics for the comparison's join plan
+            await main.execute(f"ANALYZE {shadow}")
+        async with main.transaction():
+            live = await _locked_checkpoint(main, [name])
+            await _fold_rest(main, keyring, projection, names, done, until=live, batch_size=batch_size, hashes=hashes)
+            await projection.erase(main, names)  # as the live tables: erased at once
+            return await _differences(main, projection, names, limit, hashes)
+    finally:
+        await _drop_shadow(main, projection, VERIFY)
 
 
 async def _differences(
-    conn: asyncpg.Connection, projection: Projection, names: dict[str, str], limit: int
+    conn: asyncpg.Connection,
+    projection: Projection,
+    names: dict[str, str],
+    limit: int,
+    hashes: tuple[int, int] | None = None,
 ) -> list[Difference]:
-    """Rows of the read tables and of the fresh fold that the other side lacks or has otherwise.
+    """Rows of the read tables (of a slice's users, with `hashes`) and of the fresh fold that the
+    other side lacks or has otherwise.
 
     Rows are paired by primary key in one join (both sides are indexed on it), instead of two
     set differences that each sort both tables whole.
@@ -429,10 +535,12 @@ async def _differences(
         key: list[str] | None = await conn.fetchval(_PRIMARY_KEY, table)
         assert key, f"{table} has no primary key to pair its rows by"
         on = " AND ".join(f"l.{column} = f.{column}" for column in key)
+        live = table if hashes is None else f"(SELECT * FROM {table} WHERE hashtext(user_id) BETWEEN $2 AND $3)"
         rows = await conn.fetch(
-            f"SELECT l.*, f.* FROM {table} AS l FULL JOIN {shadow} AS f ON {on} "
+            f"SELECT l.*, f.* FROM {live} AS l FULL JOIN {shadow} AS f ON {on} "
             "WHERE ROW(l.*) IS DISTINCT FROM ROW(f.*) LIMIT $1",
             limit - len(found),
+            *(hashes or ()),
         )
         for r in rows:
             values = tuple(r)

@@ -11,6 +11,16 @@ An event the projection cannot apply stops the projection: the batch is retried 
 time to find it, the events before it are applied, and its position and the error are written
 to the checkpoint row (where readiness reads it) and logged. It stays stopped until a replay
 succeeds or an operator clears the error.
+
+With slices (projections/slices.py) a process runs one `Worker` per slice, each with its own
+connection, checkpoint row and lock, as one `SliceGroup`. The group makes its N the current
+layout once, when the first of them connects, and keeps the process to its share of the slices:
+a worker takes a free slice only while the process holds fewer than ceil(N / processes running
+this projection's workers, counted by their connections' `application_name`), and the process
+gives one back (between batches, once a second at most) while it holds more. A process that dies
+drops its connections and their locks, and the others' standby workers take its slices at their
+next try (`standby_interval`, 1 s). A worker whose checkpoint row was retired by a later layout
+stops ("retired"): it would otherwise write beside the new layout's workers.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import asyncpg
 import msgspec
 
 from projections.base import Projection, ProjectionError
+from projections.slices import RETIRED, WHOLE, Slice, adopt_layout, layout
 from service.citus import is_distributed
 from service.connections import DATABASE_UNAVAILABLE, connect_args
 from service.eventstore import NOTIFY_CHANNEL, Checkpoint, RecordedEvent, read_all
@@ -67,6 +78,16 @@ class ProjectionFailed(Exception):
         self.error = error
 
 
+class SliceRetired(Exception):
+    """The checkpoint row belongs to a slice layout that another one has replaced."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"projection {name}: the slice layout changed (another process started with another "
+            "CHATLOG_PROJECTION_SLICES); this slice stops, restart this process with the new setting"
+        )
+
+
 async def ensure_checkpoint(conn: asyncpg.Connection, name: str) -> None:
     await conn.execute("INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", name)
 
@@ -77,32 +98,39 @@ async def apply_batch(
     keyring: Keyring,
     batch_size: int,
     before_commit: BeforeCommit | None = None,
+    *,
+    part: Slice = WHOLE,
 ) -> int:
-    """Fold the next batch into the live tables and move the checkpoint, in one transaction.
+    """Fold the next batch (of the slice `part`) into the live tables and move its checkpoint,
+    in one transaction.
 
     Returns how many events it applied. When the projection cannot apply an event, the events
     before it are applied, the failure is recorded in the checkpoint row, that is committed, and
-    `ProjectionFailed` is raised.
+    `ProjectionFailed` is raised; `SliceRetired` when a newer slice layout replaced the row.
     """
     names = {t: t for t in projection.tables}
+    name = part.row(projection.name)
     failure: ProjectionFailed | None = None
     async with conn.transaction():
         row = await conn.fetchrow(
             "SELECT tx_id, position, error, failed_position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
-            projection.name,
+            name,
         )
         if row is None:
-            raise RuntimeError(f"no checkpoint row for projection {projection.name}")
+            raise RuntimeError(f"no checkpoint row for projection {name}")
+        if row["error"] == RETIRED:
+            raise SliceRetired(name)
         if row["error"] is not None:
-            raise ProjectionFailed(projection.name, row["failed_position"], row["error"])
+            raise ProjectionFailed(name, row["failed_position"], row["error"])
         checkpoint = Checkpoint(int(row["tx_id"]), row["position"])
-        events = await read_all(conn, keyring, checkpoint, batch_size, hold_keys=True)
+        hashes = None if part.whole else part.bounds
+        events = await read_all(conn, keyring, checkpoint, batch_size, hold_keys=True, hashes=hashes)
         if not events:
             return 0
         applied = await _apply(conn, projection, events, names)
         if applied is None:
             await mark_users(conn, projection.name, {e.user_id for e in events}, events[-1].checkpoint)
-            await _save_checkpoint(conn, projection.name, events[-1].checkpoint)
+            await _save_checkpoint(conn, name, events[-1].checkpoint)
             if before_commit is not None:
                 await before_commit(events)
             return len(events)
@@ -110,10 +138,11 @@ async def apply_batch(
         for event in events:
             failure = await _apply(conn, projection, [event], names)
             if failure is not None:
-                await record_failure(conn, projection.name, failure)
+                failure = ProjectionFailed(name, failure.position, failure.error)
+                await record_failure(conn, name, failure)
                 break
             await mark_users(conn, projection.name, {event.user_id}, event.checkpoint)
-            await _save_checkpoint(conn, projection.name, event.checkpoint)
+            await _save_checkpoint(conn, name, event.checkpoint)
     assert failure is not None
     raise failure
 
@@ -148,16 +177,21 @@ async def mark_users(conn: asyncpg.Connection, name: str, users: Iterable[str], 
         await conn.execute(_MARK, sorted(users), name, checkpoint.tx_id, checkpoint.position)
 
 
-async def mark_all_users(conn: asyncpg.Connection, name: str, checkpoint: Checkpoint) -> None:
-    """`mark_users` for every user of the log: a replay has folded them all up to `checkpoint`."""
+async def mark_all_users(
+    conn: asyncpg.Connection, name: str, checkpoint: Checkpoint, hashes: tuple[int, int] | None = None
+) -> None:
+    """`mark_users` for every user of the log (or of a slice's `hashes`): a replay folded them up to `checkpoint`."""
     if await is_distributed(conn):
+        low, high = hashes or (-(2**31), 2**31 - 1)
         await conn.execute(
             "INSERT INTO projection_marks (user_id, name, tx_id, position) "
-            "SELECT user_id, $1, $2::xid8, $3 FROM events GROUP BY user_id "
+            "SELECT user_id, $1, $2::xid8, $3 FROM events WHERE hashtext(user_id) BETWEEN $4 AND $5 GROUP BY user_id "
             "ON CONFLICT (user_id, name) DO UPDATE SET tx_id = excluded.tx_id, position = excluded.position",
             name,
             checkpoint.tx_id,
             checkpoint.position,
+            low,
+            high,
         )
 
 
@@ -179,8 +213,55 @@ async def record_failure(conn: asyncpg.Connection, name: str, failure: Projectio
     )
 
 
+class SliceGroup:
+    """The workers of one projection's slices in this process (see the module docstring)."""
+
+    def __init__(self, projection: str, n: int = 1) -> None:
+        self.projection = projection
+        self.n = n
+        self.workers: list[Worker] = []
+        self.application_name = f"chatlog-projection-{projection}-{os.getpid()}"
+        self._adopted = False
+        self._adopting = asyncio.Lock()
+
+    async def adopt(self, conn: asyncpg.Connection) -> None:
+        """Make this process's N the current layout, once per process (a worker reconnecting
+        later must not change it back after another process changed it)."""
+        async with self._adopting:
+            if self._adopted:
+                return
+            if await adopt_layout(conn, self.projection, self.n, lock_key(f"{self.projection}:layout")):
+                log.warning(
+                    "projection %s now runs as %d slice(s); each new slice starts at the oldest checkpoint "
+                    "of the old ones (events folded again change nothing)",
+                    self.projection, self.n,
+                )  # fmt: skip
+            self._adopted = True
+
+    def held(self) -> int:
+        return sum(w.active for w in self.workers)
+
+    async def share(self, conn: asyncpg.Connection) -> int:
+        """How many slices this process should hold: all of one; ceil(N / processes) of several."""
+        if self.n == 1:
+            return 1
+        processes: int = await conn.fetchval(_PROCESSES, f"chatlog-projection-{self.projection}-%")
+        return -(-self.n // max(1, processes))
+
+    def last_active(self) -> Worker | None:
+        return max((w for w in self.workers if w.active), key=lambda w: w.part.k, default=None)
+
+
+# Processes that run a projection's workers (each names its connections after itself).
+_PROCESSES: Final = (
+    "SELECT count(DISTINCT application_name) FROM pg_stat_activity "
+    "WHERE datname = current_database() AND application_name LIKE $1"
+)
+
+
 class Worker:
-    """Runs one projection: standby until it holds the lock, then batches until stopped."""
+    """Runs one projection (or one slice of it): standby until it holds the lock, then batches
+    until stopped (or, for a slice, until its process holds more than its share)."""
 
     def __init__(
         self,
@@ -190,19 +271,27 @@ class Worker:
         settings: WorkerSettings | None = None,
         *,
         before_commit: BeforeCommit | None = None,
+        part: Slice = WHOLE,
+        group: SliceGroup | None = None,
     ) -> None:
         self.url = url
         self.projection = projection
         self.keyring = keyring
         self.settings = settings or WorkerSettings()
         self.before_commit = before_commit
+        self.part = part
+        self.name = part.row(projection.name)  # its checkpoint row and lock
+        self.group = group or SliceGroup(projection.name, part.n)
+        self.group.workers.append(self)
         self.active = False
         self.failure: ProjectionFailed | None = None
+        self.retired = False  # a newer slice layout replaced its checkpoint row
         self.applied = 0
         self.outage_since: float | None = None  # loop time the database was lost, while it is
         self.crashed: str | None = None  # what killed it, while its supervisor waits to restart it
         self._connected = False
         self._horizon_checked = self._horizon_warned = float("-inf")
+        self._share_checked = float("-inf")
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -219,7 +308,8 @@ class Worker:
         self._wake.set()
 
     async def run(self) -> None:
-        """Until `stop()`, or until the projection stops on an event it cannot apply.
+        """Until `stop()`, or until the projection stops on an event it cannot apply (or its
+        slice is retired by a newer layout).
 
         A database outage, however it shows (a broken or refused connection, a server shutting
         down or starting up: 57P01, 57P03, a standby still read-only, a deadlock), rolls the
@@ -228,7 +318,7 @@ class Worker:
         one when it ends. Anything else is a defect and propagates (`service.workers` logs it
         and restarts the worker).
         """
-        name = self.projection.name
+        name = self.name
         delay = self.settings.reconnect_interval
         while not self._stop.is_set():
             try:
@@ -237,6 +327,10 @@ class Worker:
             except ProjectionFailed as failure:
                 self.failure = failure
                 log.error("projection %s stopped at position %s: %s", name, failure.position, failure.error)
+                return
+            except SliceRetired as retired:
+                self.retired = True
+                log.error("%s", retired)
                 return
             except _TRANSIENT as exc:
                 self.active = False
@@ -254,14 +348,14 @@ class Worker:
         self._connected = True
         if self.outage_since is not None:
             seconds = asyncio.get_running_loop().time() - self.outage_since
-            log.warning("projection %s has the database again after %.1f s", self.projection.name, seconds)
+            log.warning("projection %s has the database again after %.1f s", self.name, seconds)
             self.outage_since = None
 
     async def _run_connected(self) -> None:
         conn: asyncpg.Connection = await asyncpg.connect(
             **connect_args(self.url),
             server_settings={
-                "application_name": f"chatlog-projection-{self.projection.name}-{os.getpid()}",
+                "application_name": self.group.application_name,
                 # This connection lives long. A generic plan cached while `conversations` looked
                 # empty (analyzed before any row arrived) makes the per-row foreign-key check a
                 # sequential scan for good, and catch-up quadratic; custom plans stay correct.
@@ -272,25 +366,45 @@ class Worker:
         )
         try:
             self._reconnected()
-            if not await self._become_active(conn):
-                return
-            await ensure_checkpoint(conn, self.projection.name)
+            await self.group.adopt(conn)
             await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-            log.info("projection %s: active", self.projection.name)
-            while not self._stop.is_set():
-                self._wake.clear()
-                applied = await apply_batch(
-                    conn, self.projection, self.keyring, self.settings.batch_size, self.before_commit
-                )
-                self.applied += applied
-                await self._watch_horizon(conn)
-                if applied < self.settings.batch_size:
-                    await self._sleep(self.settings.poll_interval, wakeable=True)
-                    if self._wake.is_set() and not self._stop.is_set() and self.settings.linger > 0:
-                        await asyncio.sleep(self.settings.linger)
+            while await self._become_active(conn):
+                log.info("projection %s: active", self.name)
+                await self._run_active(conn)
         finally:
             self.active = False
             conn.terminate()
+
+    async def _run_active(self, conn: asyncpg.Connection) -> None:
+        """Batches until stopped, or until this process holds more slices than its share: then
+        this slice's lock is given back (between batches) for another process to take."""
+        while not self._stop.is_set():
+            self._wake.clear()
+            applied = await apply_batch(
+                conn, self.projection, self.keyring, self.settings.batch_size, self.before_commit, part=self.part
+            )
+            self.applied += applied
+            await self._watch_horizon(conn)
+            if await self._over_share(conn):
+                await conn.execute("SELECT pg_advisory_unlock($1)", lock_key(self.name))
+                self.active = False
+                log.info("projection %s: given back to another process (standby)", self.name)
+                return
+            if applied < self.settings.batch_size:
+                await self._sleep(self.settings.poll_interval, wakeable=True)
+                if self._wake.is_set() and not self._stop.is_set() and self.settings.linger > 0:
+                    await asyncio.sleep(self.settings.linger)
+
+    async def _over_share(self, conn: asyncpg.Connection) -> bool:
+        """Whether this worker should give its slice back: once a second at most, and only the
+        process's active slice of the highest index, so that one goes at a time."""
+        if self.part.whole or self.group.last_active() is not self:
+            return False
+        now = asyncio.get_running_loop().time()
+        if now < self._share_checked + self.settings.standby_interval:
+            return False
+        self._share_checked = now
+        return self.group.held() > await self.group.share(conn)
 
     async def _watch_horizon(self, conn: asyncpg.Connection) -> None:
         """Once a second: warn, naming it, about a transaction that holds every projection
@@ -307,14 +421,16 @@ class Worker:
             log.warning(
                 "projection %s is held back by a transaction open for %.0f s: application_name %r, state %r, "
                 "pid %s, database %s; events committed after it began wait until it ends",
-                self.projection.name, holder.seconds, holder.application_name, holder.state, holder.pid,
+                self.name, holder.seconds, holder.application_name, holder.state, holder.pid,
                 holder.database,
             )  # fmt: skip
 
     async def _become_active(self, conn: asyncpg.Connection) -> bool:
-        key = lock_key(self.projection.name)
+        key = lock_key(self.name)
         while not self._stop.is_set():
-            if await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            if self.group.held() < await self.group.share(conn) and await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1)", key
+            ):
                 self.active = True
                 return True
             await self._sleep(self.settings.standby_interval)
@@ -377,33 +493,43 @@ class ProjectionStatus(msgspec.Struct, frozen=True, kw_only=True):
 LAG_COUNT_LIMIT: Final = 1_000_000
 
 
-async def projection_status(conn: asyncpg.Connection, names: Sequence[str]) -> dict[str, ProjectionStatus]:
-    """Each projection's checkpoint position and how far behind the log it is."""
+async def projection_status(
+    conn: asyncpg.Connection, names: Sequence[str], slices: int = 1
+) -> dict[str, ProjectionStatus]:
+    """Each projection's checkpoint position and how far behind the log it is; with several
+    slices, each slice's (by its row's name, e.g. `conversations#0/4`), its lag counting only
+    its own users' events."""
+    parts = [(name, part) for name in names for part in layout(slices)]
     rows = {
         r["name"]: r
         for r in await conn.fetch(
             "SELECT name, tx_id, position, error, failed_position FROM projection_checkpoints WHERE name = ANY($1)",
-            list(names),
+            [part.row(name) for name, part in parts],
         )
     }
     result: dict[str, ProjectionStatus] = {}
-    for name in names:
-        row = rows.get(name)
+    for name, part in parts:
+        row = rows.get(part.row(name))
         tx_id, position = (int(row["tx_id"]), row["position"]) if row else (0, 0)
+        hashes = "" if part.whole else "AND hashtext(user_id) BETWEEN $4 AND $5 "
+        bounds = () if part.whole else part.bounds
         lag = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT 1 FROM events "
-            "WHERE (tx_id, position) > ($1::xid8, $2::bigint) LIMIT $3) AS s",
+            "SELECT count(*) FROM (SELECT 1 FROM events WHERE (tx_id, position) > ($1::xid8, $2::bigint) "
+            f"{hashes}LIMIT $3) AS s",
             tx_id,
             position,
             LAG_COUNT_LIMIT,
+            *bounds,
         )
         oldest = await conn.fetchval(
             "SELECT extract(epoch FROM now() - recorded_at)::float8 FROM events "
-            "WHERE (tx_id, position) > ($1::xid8, $2::bigint) ORDER BY tx_id, position LIMIT 1",
+            f"WHERE (tx_id, position) > ($1::xid8, $2::bigint) {hashes}ORDER BY tx_id, position LIMIT $3",
             tx_id,
             position,
+            1,
+            *bounds,
         )
-        result[name] = ProjectionStatus(
+        result[part.row(name)] = ProjectionStatus(
             position=position,
             lag=lag,
             lag_seconds=max(0.0, oldest or 0.0),

@@ -87,7 +87,7 @@ async def readyz(state: State) -> Response[Readiness]:
             if await conn.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL"):
                 revision = await conn.fetchval("SELECT version_num FROM alembic_version")
             if revision == expected:
-                projections = await projection_status(conn, list(PROJECTIONS))
+                projections = await projection_status(conn, list(PROJECTIONS), state.settings.projection_slices)
             holder = await horizon_holder(conn)
             if state.replica is not None:
                 lsn = await primary_lsn(conn)
@@ -129,7 +129,7 @@ async def metrics(state: State) -> Response[bytes]:
     lsn: str | None = None
     try:
         async with state.pool.acquire() as conn:
-            collector.projections = await projection_status(conn, list(PROJECTIONS))
+            collector.projections = await projection_status(conn, list(PROJECTIONS), state.settings.projection_slices)
             holder = await horizon_holder(conn)
             collector.horizon_held_seconds = holder.seconds if holder else 0.0
             if state.replica is not None:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from litestar import Litestar
 
     from projections.base import Projection
+    from projections.slices import Slice
     from service.sealing import Keyring
 
 log = logging.getLogger("chatlog")
@@ -180,15 +181,13 @@ def _keyring(settings: Settings) -> Keyring:
 
 
 def cmd_project(settings: Settings, args: argparse.Namespace) -> int:
-    from projections.worker import Worker
-    from service.workers import supervise, worker_settings
+    from service.workers import make_workers, supervise
 
     _exit_on_signals()
-    projections, settings, url = _projections(settings, args.names)
+    _, settings, _ = _projections(settings, args.names)
 
     async def run() -> int:
-        keyring = _keyring(settings)
-        workers = [Worker(url, p, keyring, worker_settings(settings)) for p in projections]
+        workers = make_workers(settings, _keyring(settings), args.names)
 
         def stop_all() -> None:
             for worker in workers:
@@ -203,25 +202,35 @@ def cmd_project(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _slice(settings: Settings, args: argparse.Namespace) -> Slice | None:
+    """The slice `--slice K` names among CHATLOG_PROJECTION_SLICES (None: the whole projection)."""
+    from projections.slices import Slice
+
+    if args.slice is None:
+        return None
+    if not 0 <= args.slice < settings.projection_slices:
+        raise SettingsError(f"--slice must be 0 to {settings.projection_slices - 1} (CHATLOG_PROJECTION_SLICES)")
+    return Slice(args.slice, settings.projection_slices)
+
+
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from projections.replay import replay, terminal_progress
 
     _exit_on_signals()
+    part = _slice(settings, args)
     projections, settings, url = _projections(settings, args.names)
 
     async def run() -> None:
         for projection in projections:
+            what = projection.name if part is None else f"{projection.name} ({part})"
             total = await _count_events(url)
             started = asyncio.get_running_loop().time()
             checkpoint = await replay(
                 url, projection, _keyring(settings), batch_size=settings.replay_batch_size,
-                progress=terminal_progress(projection.name, total),
+                progress=terminal_progress(projection.name, total), slices=settings.projection_slices, part=part,
             )  # fmt: skip
             seconds = asyncio.get_running_loop().time() - started
-            print(
-                f"\nreplayed {projection.name}: {total:,} events in {seconds:.1f} s; "
-                f"now at position {checkpoint.position}"
-            )
+            print(f"\nreplayed {what}: {total:,} events in {seconds:.1f} s; now at position {checkpoint.position}")
 
     asyncio.run(run())
     return 0
@@ -230,18 +239,23 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     from projections.replay import differences_report, verify
 
+    part = _slice(settings, args)
     projections, settings, url = _projections(settings, args.names)
 
     async def run() -> int:
         status = 0
         for projection in projections:
-            differences = await verify(url, projection, _keyring(settings), batch_size=settings.replay_batch_size)
+            what = projection.name if part is None else f"{projection.name} ({part})"
+            differences = await verify(
+                url, projection, _keyring(settings), batch_size=settings.replay_batch_size,
+                slices=settings.projection_slices, part=part,
+            )  # fmt: skip
             if differences:
                 status = 1
-                print(f"{projection.name}: {len(differences)} row(s) differ from a fresh fold of the log")
+                print(f"{what}: {len(differences)} row(s) differ from a fresh fold of the log")
                 print(differences_report(differences))
             else:
-                print(f"{projection.name}: the read tables equal a fresh fold of the log")
+                print(f"{what}: the read tables equal a fresh fold of the log")
         return status
 
     return asyncio.run(run())
@@ -438,10 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     replay = sub.add_parser("replay", help="rebuild read tables from the log and swap them in")
     replay.add_argument("names", nargs="*", metavar="NAME", help="projections to rebuild (default: all)")
+    replay.add_argument(
+        "--slice", type=int, metavar="K", help="rebuild only slice K's rows (of CHATLOG_PROJECTION_SLICES)"
+    )
     replay.set_defaults(func=cmd_replay)
 
     verify = sub.add_parser("verify", help="refold the log and report read-table rows that differ (exit 1)")
     verify.add_argument("names", nargs="*", metavar="NAME", help="projections to check (default: all)")
+    verify.add_argument("--slice", type=int, metavar="K", help="check only slice K's rows (CHATLOG_PROJECTION_SLICES)")
     verify.set_defaults(func=cmd_verify)
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema (or --downgrade it)")
@@ -493,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyError as exc:  # an unknown projection name
         print(f"chatlog: {exc.args[0]}", file=sys.stderr)
         return 2
-    except SettingsError as exc:  # a setting the database cannot use
+    except SettingsError as exc:  # a setting the database cannot use (also the slices: LayoutMismatch)
         print(f"chatlog: {exc}", file=sys.stderr)
         return 2
     return result

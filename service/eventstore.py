@@ -343,12 +343,18 @@ ORDER BY e.tx_id, e.position
 LIMIT $3
 """
 
+# A projection slice's share of `_READ_ALL` (projections/slices.py): the same statement with one
+# added predicate, derived from it so that the two cannot drift apart.
+_READ_SLICE = _READ_ALL.replace("\nORDER BY", "\n  AND hashtext(e.user_id) BETWEEN $4 AND $5\nORDER BY", 1)
+assert _READ_SLICE != _READ_ALL
+
 # On Citus the horizon must be the coordinator's, whose transaction ids the log holds: in a query
 # over distributed tables the function would run on each worker, against the worker's own ids
 # (even from a materialized CTE, in a query on one shard). It is read first, in the same
-# transaction, and passed in.
+# transaction, and passed in (as the last parameter).
 _HORIZON = "SELECT chatlog_horizon()"
 _READ_ALL_BELOW = _READ_ALL.replace("chatlog_horizon()", "$4::xid8")
+_READ_SLICE_BELOW = _READ_SLICE.replace("chatlog_horizon()", "$6::xid8")
 _READ_USER_BELOW = _READ_USER.replace("chatlog_horizon()", "$5::xid8")
 
 # The worker holds the keys of the streams it folds until its batch commits: an erasure waits
@@ -830,9 +836,17 @@ async def read_stream(
 
 
 async def read_all(
-    conn: asyncpg.Connection, keyring: Keyring, after: Checkpoint, limit: int = 1000, *, hold_keys: bool = False
+    conn: asyncpg.Connection,
+    keyring: Keyring,
+    after: Checkpoint,
+    limit: int = 1000,
+    *,
+    hold_keys: bool = False,
+    hashes: tuple[int, int] | None = None,
 ) -> list[RecordedEvent]:
-    """The next events of the whole log after `after`, gap-safely (see the module docstring).
+    """The next events of the whole log after `after`, gap-safely (see the module docstring);
+    with `hashes`, only the users whose `hashtext(user_id)` lies in that inclusive range (a
+    projection slice's, projections/slices.py).
 
     If the reader's transaction already has an id (the worker locks its checkpoint row first),
     the horizon stops at that id: events of newer transactions wait for the next read. With
@@ -841,13 +855,16 @@ async def read_all(
     since the read makes its stream's events erased here too.
     """
     distributed = await is_distributed(conn)
+    sliced = () if hashes is None else tuple(hashes)
     if distributed:
         if hold_keys:
             await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", ERASURES_LOCK)
         horizon = await conn.fetchval(_HORIZON)
-        rows = await conn.fetch(_READ_ALL_BELOW, after.tx_id, after.position, limit, horizon)
+        statement = _READ_ALL_BELOW if hashes is None else _READ_SLICE_BELOW
+        rows = await conn.fetch(statement, after.tx_id, after.position, limit, *sliced, horizon)
     else:
-        rows = await conn.fetch(_READ_ALL, after.tx_id, after.position, limit)
+        statement = _READ_ALL if hashes is None else _READ_SLICE
+        rows = await conn.fetch(statement, after.tx_id, after.position, limit, *sliced)
     erased: frozenset[uuid.UUID] = frozenset()
     if hold_keys and rows and not distributed:
         keyed = list({row[2] for row in rows if row[11] is not None})

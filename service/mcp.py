@@ -179,7 +179,12 @@ def build_server(tools: Tools) -> MCPServer:
     async def readable(user: str, min_position: int | None) -> None:
         """As the HTTP reads: the user's own writes (and `min_position`), or 503 `not_ready` in time."""
         await queries.wait_until_readable(
-            tools.pool, user, min_position, tools.settings.read_wait_seconds, tools.replica
+            tools.pool,
+            user,
+            min_position,
+            tools.settings.read_wait_seconds,
+            tools.replica,
+            tools.settings.projection_slices,
         )
 
     async def run(ctx: Context, call: Callable[[str], Awaitable[dict[str, Any]]]) -> CallToolResult:

@@ -16,6 +16,7 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
+from projections.slices import slice_sql
 from service import shapes
 from service.citus import is_distributed
 from service.errors import BadRequest, NotReady
@@ -84,9 +85,20 @@ WHERE c.name = 'conversations'
 # With a replica, the targets come from the primary (where an answered write is certain to be) and
 # the checkpoint from the replica (whose read rows it vouches for: a standby replays WAL in commit
 # order, so the rows written with a checkpoint are there once the checkpoint is).
-_PRIMARY_TARGETS: Final = f"SELECT NULL, NULL, own.tx_id, own.position, asked.tx_id FROM (VALUES (1)) AS c {_TARGETS}"
+_PRIMARY_TARGETS: Final = (
+    "SELECT NULL, NULL, own.tx_id, own.position, asked.tx_id, asked.tx_id < chatlog_horizon() "
+    f"FROM (VALUES (1)) AS c {_TARGETS}"
+)
 _CHECKPOINT: Final = "SELECT tx_id, position FROM projection_checkpoints WHERE name = 'conversations'"
 
+# With N projection slices: the checkpoint of the caller's slice (projections/slices.py, $3 = N).
+# It moves only with its own users' events, so a `min_position` counts once every transaction up
+# to that event has ended (its event below the horizon) and the caller's newest event is folded:
+# the caller's events up to it are then all visible, and folded in log order before the newest.
+_READABLE_SLICED: Final = _READABLE.replace(
+    "asked.tx_id\n", "asked.tx_id, asked.tx_id < chatlog_horizon()\n", 1
+).replace("c.name = 'conversations'", f"c.name = 'conversations#' || {slice_sql('$1', '$3')} || '/' || $3", 1)
+assert _READABLE_SLICED.count("chatlog_horizon") == 1 and "hashtext" in _READABLE_SLICED
 
 # On Citus (service/citus.py) the checkpoint is on the coordinator, the rows on the user's worker,
 # and a projection batch over several workers commits in two phases: the coordinator first. The
@@ -100,21 +112,39 @@ LEFT JOIN projection_marks AS mark ON mark.user_id = $1 AND mark.name = 'convers
 _ASKED: Final = "SELECT tx_id FROM events WHERE position = $1"
 
 
-async def _readable_distributed(conn: asyncpg.Connection, user_id: str, min_position: int | None) -> tuple[Any, ...]:
-    """`_READABLE`'s answer on Citus, the own event counted only once its mark has passed it."""
-    checkpoint = await conn.fetchrow(_CHECKPOINT)
+_SLICE_CHECKPOINT: Final = (
+    "SELECT tx_id, position FROM projection_checkpoints "
+    f"WHERE name = 'conversations#' || {slice_sql('$1::text', '$2')} || '/' || $2"
+)
+_BELOW_HORIZON: Final = "SELECT $1::xid8 < chatlog_horizon()"
+
+
+async def _checkpoint_of(conn: asyncpg.Connection, user_id: str, slices: int) -> asyncpg.Record | None:
+    """The checkpoint row that covers the user: the projection's, or their slice's."""
+    if slices == 1:
+        return await conn.fetchrow(_CHECKPOINT)
+    return await conn.fetchrow(_SLICE_CHECKPOINT, user_id, slices)
+
+
+async def _readable_distributed(
+    conn: asyncpg.Connection, user_id: str, min_position: int | None, slices: int
+) -> tuple[Any, ...]:
+    """`_READABLE`'s answer on Citus (`_READABLE_SLICED`'s with slices), the own event counted
+    only once its mark has passed it."""
+    checkpoint = await _checkpoint_of(conn, user_id, slices)
     own = await conn.fetchrow(_OWN_AND_MARK, user_id)
     asked = await conn.fetchval(_ASKED, min_position) if min_position is not None else None
-    if checkpoint is None:
-        return (0, 0, None, None, asked) if own is None else (0, 0, own[0], own[1], asked)
+    below = asked is not None and bool(await conn.fetchval(_BELOW_HORIZON, asked))  # the coordinator's horizon
     own_tx, own_position = (None, None) if own is None else (own[0], own[1])
-    if own is not None and (own[2] is None or Checkpoint(int(own[2]), own[3]) < Checkpoint(int(own[0]), own[1])):
-        return (0, 0, own_tx, own_position, asked)  # the rows may not be visible on the worker yet
-    return (checkpoint[0], checkpoint[1], own_tx, own_position, asked)
+    if checkpoint is None or (
+        own is not None and (own[2] is None or Checkpoint(int(own[2]), own[3]) < Checkpoint(int(own[0]), own[1]))
+    ):
+        return (0, 0, own_tx, own_position, asked, below)  # the rows may not be visible on the worker yet
+    return (checkpoint[0], checkpoint[1], own_tx, own_position, asked, below)
 
 
 async def wait_until_readable(
-    pool: Any, user_id: str, min_position: int | None, wait_seconds: float, replica: Any = None
+    pool: Any, user_id: str, min_position: int | None, wait_seconds: float, replica: Any = None, slices: int = 1
 ) -> None:
     """Return once the read tables include the caller's own newest event and, with `min_position`,
     the event at that position and every event before it in log order (API.md: a user always
@@ -131,17 +161,19 @@ async def wait_until_readable(
         if replica is None:
             async with pool.acquire() as conn:
                 if await is_distributed(conn):
-                    row = await _readable_distributed(conn, user_id, min_position)
-                else:
+                    row = await _readable_distributed(conn, user_id, min_position, slices)
+                elif slices == 1:
                     row = await conn.fetchrow(_READABLE, user_id, min_position)
+                else:
+                    row = await conn.fetchrow(_READABLE_SLICED, user_id, min_position, slices)
         else:
-            if targets is None or (min_position is not None and targets[4] is None):
+            if targets is None or (min_position is not None and not targets[5]):
                 async with pool.acquire() as conn:
                     targets = await conn.fetchrow(_PRIMARY_TARGETS, user_id, min_position)
             async with replica.acquire() as conn:
-                checkpoint = await conn.fetchrow(_CHECKPOINT)
+                checkpoint = await _checkpoint_of(conn, user_id, slices)
             row = None if checkpoint is None or targets is None else (*checkpoint, *targets[2:])
-        if row is not None and _includes(row, min_position):
+        if row is not None and _includes(row, min_position, sliced=slices > 1):
             return
         if time.monotonic() + delay > deadline:
             if min_position is None:
@@ -151,13 +183,15 @@ async def wait_until_readable(
         delay = min(delay * 2, 0.05)
 
 
-def _includes(row: Sequence[Any], min_position: int | None) -> bool:
-    """Whether the checkpoint in `row` (of `_READABLE`) has passed both targets."""
+def _includes(row: Sequence[Any], min_position: int | None, *, sliced: bool = False) -> bool:
+    """Whether the checkpoint in `row` (of `_READABLE`, or `_READABLE_SLICED`) has passed both targets."""
     checkpoint = Checkpoint(int(row[0]), row[1])
     if row[2] is not None and checkpoint < Checkpoint(int(row[2]), row[3]):
         return False
     if min_position is None:
         return True
+    if sliced:
+        return bool(row[5])
     return row[4] is not None and checkpoint >= Checkpoint(int(row[4]), min_position)
 
 

@@ -40,6 +40,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     projection_linger: float = 0.005
     horizon_warn_seconds: float = 30.0  # the worker warns about a transaction holding the horizon this long
     replay_batch_size: int = 5000
+    # Each projection runs as this many slices by a hash of user_id (projections/slices.py), which
+    # worker processes share and take over from each other. Every process needs the same value.
+    projection_slices: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     # HTTP limits (shared/API.md)
     max_body_bytes: int = 1_048_576
     max_content_chars: int = 32_768

@@ -6,7 +6,8 @@ import asyncio
 import logging
 
 from projections import select
-from projections.worker import Worker, WorkerSettings
+from projections.slices import layout
+from projections.worker import SliceGroup, Worker, WorkerSettings
 from service.eventstore import EventStore
 from service.sealing import Keyring
 from service.settings import Settings
@@ -23,19 +24,28 @@ def worker_settings(settings: Settings) -> WorkerSettings:
     )
 
 
+def make_workers(settings: Settings, keyring: Keyring, names: list[str] | None = None) -> list[Worker]:
+    """A worker for every slice of every projection named (all for none)."""
+    assert settings.database_url
+    workers: list[Worker] = []
+    for projection in select(settings, names):
+        group = SliceGroup(projection.name, settings.projection_slices)
+        for part in layout(settings.projection_slices):
+            workers.append(
+                Worker(settings.database_url, projection, keyring, worker_settings(settings), part=part, group=group)
+            )
+    return workers
+
+
 def start_workers(
     settings: Settings, keyring: Keyring, store: EventStore | None = None
 ) -> dict[Worker, asyncio.Task[None]]:
-    """A worker task for every projection, woken by this process's own appends too."""
-    assert settings.database_url
+    """A worker task for every projection slice, woken by this process's own appends too."""
     workers: dict[Worker, asyncio.Task[None]] = {}
-    for projection in select(settings):
-        worker = Worker(settings.database_url, projection, keyring, worker_settings(settings))
+    for worker in make_workers(settings, keyring):
         if store is not None:
             store.on_append(worker.wake)
-        workers[worker] = asyncio.get_running_loop().create_task(
-            supervise(worker), name=f"projection-{projection.name}"
-        )
+        workers[worker] = asyncio.get_running_loop().create_task(supervise(worker), name=f"projection-{worker.name}")
     return workers
 
 
@@ -50,7 +60,7 @@ async def supervise(worker: Worker) -> None:
             return
         except Exception as exc:
             worker.crashed = f"{type(exc).__name__}: {exc}"
-            log.exception("projection worker %s died; restarting it in %.0f s", worker.projection.name, delay)
+            log.exception("projection worker %s died; restarting it in %.0f s", worker.name, delay)
             if await worker.sleep_unless_stopped(delay):
                 return
             delay = min(delay * 2, 60.0)
@@ -58,17 +68,18 @@ async def supervise(worker: Worker) -> None:
 
 
 def worker_states(workers: dict[Worker, asyncio.Task[None]]) -> dict[str, str]:
-    """What each projection worker of this process is doing; all but "active", "standby" and
-    "reconnecting" (riding out an outage) mean that no worker of it runs here."""
+    """What each projection worker (each slice's, named by its checkpoint row) of this process is
+    doing; all but "active", "standby" and "reconnecting" (riding out an outage) mean that no
+    worker of it runs here ("retired": a newer slice layout replaced it)."""
     states: dict[str, str] = {}
     for worker, task in workers.items():
         if worker.crashed is not None:
             state = "restarting"
         elif task.done():
-            state = "failed" if worker.failure is not None else "stopped"
+            state = "failed" if worker.failure is not None else "retired" if worker.retired else "stopped"
         elif worker.outage_since is not None:
             state = "reconnecting"
         else:
             state = "active" if worker.active else "standby"
-        states[worker.projection.name] = state
+        states[worker.name] = state
     return states

@@ -123,7 +123,14 @@ def idempotency(request: Request[Any, Any, State], key: str | None, body: msgspe
 async def wait(state: State, user: str, min_position: int | None) -> None:
     """Every read waits for the read models to hold the caller's own writes (and `min_position`):
     those it reads, `state.reads` (the replica's, when there is one: README, "Read replicas")."""
-    await queries.wait_until_readable(state.pool, user, min_position, state.settings.read_wait_seconds, state.replica)
+    await queries.wait_until_readable(
+        state.pool,
+        user,
+        min_position,
+        state.settings.read_wait_seconds,
+        state.replica,
+        state.settings.projection_slices,
+    )
 
 
 def answered(body: Any, status: int, replayed: bool) -> LitestarResponse[Any]:
