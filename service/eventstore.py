@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 NOTIFY_CHANNEL: Final = "chatlog_events"
 MAX_EVENTS_PER_APPEND: Final = 10_001  # a fork: its first event and up to 10,000 copies
 MAX_APPEND_ATTEMPTS: Final = 200
+CITUS_BATCHES_IN_FLIGHT: Final = 8
 _IDEMPOTENCY_KEY_CHARS: Final = frozenset(chr(c) for c in range(0x20, 0x7F))
 
 _CleanShort = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=CLEAN_TEXT)]
@@ -132,6 +133,10 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _HEAD = "SELECT stream_version, user_id, tx_id FROM events WHERE stream_id = $1 ORDER BY stream_version DESC LIMIT 1"
+_HEAD_OF_USER = (
+    "SELECT stream_version, user_id, tx_id FROM events WHERE stream_id = $1 AND user_id = $2 "
+    "ORDER BY stream_version DESC LIMIT 1"
+)
 
 # Appending: the commands of a batch (or one command alone) as one statement, so one transaction
 # and one round trip, one row per event (command values repeated). Each command is checked as if
@@ -252,12 +257,24 @@ async def _insert_distributed(conn: asyncpg.Connection, columns: list[list[Any]]
             raise RuntimeError("on Citus a stream is started outside a transaction: its id is claimed first, alone")
         await conn.execute(_CLAIM, [stream_ids[i] for i in claims], [user_ids[i] for i in claims])
     users = sorted({user_ids[i] for i in starts})
-    async with conn.transaction():
-        now = int(await conn.fetchval("SELECT chatlog_xact_id()"))
-        looked_up = [stream_ids[i] for i in starts if ats[i] is None]
-        heads = {r[0]: (r[1], int(r[2])) for r in await conn.fetch(_HEADS_DISTRIBUTED, users, looked_up)}
-        owners = dict(await conn.fetch(_OWNERS, [stream_ids[i] for i in starts]))
-        keyed = [digests[i] for i in starts if digests[i] is not None]
+    looked_up = [stream_ids[i] for i in starts if ats[i] is None]
+    keyed = [digests[i] for i in starts if digests[i] is not None]
+    # Within the caller's transaction the append must not be older than its stream's head (see
+    # `_INSERT`); a transaction of its own, begun after the head it read committed, never is.
+    in_caller_transaction = conn.is_in_transaction()
+
+    async def checked() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """The rows of the commands whose checks hold (heads, owners and used keys read here)."""
+        now = int(await conn.fetchval("SELECT chatlog_xact_id()")) if in_caller_transaction else None
+        heads = (
+            {r[0]: (r[1], int(r[2])) for r in await conn.fetch(_HEADS_DISTRIBUTED, users, looked_up)}
+            if looked_up
+            else {}
+        )
+        # A stream with events of this user is this user's (its id was claimed); any other may be
+        # another user's, or not exist yet.
+        unknown = [stream_ids[i] for i in starts if ats[i] is None and stream_ids[i] not in heads]
+        owners = dict(await conn.fetch(_OWNERS, unknown)) if unknown else {}
         used = {r[0] for r in await conn.fetch(_USED_KEYS, users, keyed)} if keyed else set()
         rows: list[tuple[Any, ...]] = []
         new_keys: list[tuple[Any, ...]] = []
@@ -270,7 +287,9 @@ async def _insert_distributed(conn: asyncpg.Connection, columns: list[list[Any]]
                 continue
             if expecteds[first] is not None and head_version != expecteds[first]:
                 continue
-            if (new_streams[first] and head_version != 0) or (head_tx is not None and head_tx >= now):
+            if (new_streams[first] and head_version != 0) or (
+                now is not None and head_tx is not None and head_tx >= now
+            ):
                 continue
             if digests[first] is not None and digests[first] in used:
                 continue
@@ -281,9 +300,12 @@ async def _insert_distributed(conn: asyncpg.Connection, columns: list[list[Any]]
                 new_keys.append((stream, user, wrappeds[first], masters[first]))
             if fingerprints[first] is not None:
                 records.append((user, digests[first], fingerprints[first], stream, head_version + 1, counts[first]))
+        rows.sort(key=lambda r: (r[1], r[2]))  # by stream, so that batches lock in one order
+        return rows, new_keys, records
+
+    async def write(rows: list[Any], new_keys: list[Any], records: list[Any]) -> list[Any]:
         if not rows:
             return []
-        rows.sort(key=lambda r: (r[1], r[2]))  # by stream, so that batches lock in one order
         inserted = await insert_values(
             conn, "events", _EVENT_COLUMNS, _EVENT_TYPES, rows, "event_id, position, stream_version, recorded_at"
         )
@@ -291,7 +313,17 @@ async def _insert_distributed(conn: asyncpg.Connection, columns: list[list[Any]]
             await insert_values(conn, "data_keys", *_KEY_COLUMNS, new_keys)
         if records:
             await insert_values(conn, "idempotency_keys", *_IDEMPOTENCY_COLUMNS, records)
-    return inserted
+        return inserted
+
+    if not (looked_up or keyed or in_caller_transaction):
+        # Every head remembered, nothing to read: one INSERT, its own transaction, when it is all.
+        rows, new_keys, records = await checked()
+        if not new_keys and not records and len(rows) * len(_EVENT_COLUMNS) <= 60_000:
+            return await write(rows, [], [])
+        async with conn.transaction():
+            return await write(rows, new_keys, records)
+    async with conn.transaction():
+        return await write(*await checked())
 
 
 _EXISTS = "SELECT EXISTS (SELECT 1 FROM events WHERE stream_id = $1)"
@@ -677,11 +709,15 @@ async def append_prepared(
             replayed = await _prior(conn, user_id, idempotency_key, fingerprint, prepared.idempotency_key)
             if replayed is not None:
                 return replayed
-        head = await conn.fetchrow(_HEAD, stream_id)
-        if head is None and await is_distributed(conn):  # a stream claimed but not yet written
-            owner = await conn.fetchval("SELECT user_id FROM stream_owners WHERE stream_id = $1", stream_id)
-            if owner is not None and owner != user_id:
-                _check_head(stream_id, user_id, expected_version, owner, 0, exact=True)
+        if await is_distributed(conn):
+            # On Citus the owner is in stream_owners (on the id's shard); the head on the user's.
+            head = await conn.fetchrow(_HEAD_OF_USER, stream_id, user_id)
+            if head is None:
+                owner = await conn.fetchval("SELECT user_id FROM stream_owners WHERE stream_id = $1", stream_id)
+                if owner is not None and owner != user_id:
+                    head = await conn.fetchrow(_HEAD, stream_id) or (0, owner, None)
+        else:
+            head = await conn.fetchrow(_HEAD, stream_id)
         if head is not None:
             if heads is not None:
                 heads.remember(stream_id, head[1], head[0])
@@ -1209,6 +1245,9 @@ class EventStore:
         if self.distributed is None:
             async with self.pool.acquire() as conn:
                 self.distributed = await is_distributed(conn)
+            if self.distributed and self.group is not None:
+                # A batch keeps to one shard: batches of different shards go side by side.
+                self.group.max_in_flight = max(self.group.max_in_flight, CITUS_BATCHES_IN_FLIGHT)
         if not self.distributed or prepared.shard is not None:
             return prepared
         user_id = prepared.user_id

@@ -103,11 +103,12 @@ async def test_migrate_distributes_every_per_user_table_by_user_colocated_with_t
         await fetch(url, "UPDATE events SET type = 'x' WHERE user_id = 'anyone'")
 
 
-async def test_concurrent_appends_of_many_users_are_each_listed_once_and_verify_passes(
+async def test_concurrent_appends_of_many_users_in_four_slices_are_each_listed_once_and_verify_passes(
     citus: CitusCluster, databases: CitusDatabases, tmp_path: Path
 ) -> None:
     url = await databases.fresh()
-    env = chatlog_env(url, tmp_path / "data")
+    # Four projection slices, each a quarter of the shards (8 here), folding side by side.
+    env = chatlog_env(url, tmp_path / "data", CHATLOG_PROJECTION_SLICES="4")
     served = serve(env, _free_port(), tmp_path / "serve.log")
     api = Api(served.base_url, url)
     try:

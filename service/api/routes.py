@@ -363,7 +363,9 @@ async def list_events(
         raise BadRequest("give either after or cursor, not both", field="after")
     # The caller's answered writes are in the feed, as in every read. The feed reads the log on
     # the primary (gap-safely, below the primary's horizon), so it waits for the primary's checkpoint.
-    await queries.wait_until_readable(state.pool, user, None, state.settings.read_wait_seconds)
+    await queries.wait_until_readable(
+        state.pool, user, None, state.settings.read_wait_seconds, slices=state.settings.projection_slices
+    )
     async with state.pool.acquire() as conn:
         if cursor is not None:
             tx_id, position = _pair(state.cursors.decode(cursor, "events", user))
