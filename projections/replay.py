@@ -93,7 +93,7 @@ async def _connections(url: str, purpose: str, count: int) -> AsyncIterator[list
 
 
 async def _connect(url: str, purpose: str) -> asyncpg.Connection:
-    return await asyncpg.connect(
+    conn = await asyncpg.connect(
         **connect_args(url),
         server_settings={
             "application_name": f"chatlog-{purpose}",
@@ -105,6 +105,8 @@ async def _connect(url: str, purpose: str) -> asyncpg.Connection:
             "maintenance_work_mem": MAINTENANCE_WORK_MEM,
         },
     )
+    await is_distributed(conn)  # on Citus: the settings its statements need, before any other
+    return conn
 
 
 async def _create_shadow(conn: asyncpg.Connection, projection: Projection, suffix: str, *, logged: bool) -> Shadow:

@@ -365,6 +365,7 @@ class Worker:
             },
         )
         try:
+            await is_distributed(conn)  # on Citus: the settings its statements need, before any other
             self._reconnected()
             await self.group.adopt(conn)
             await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
