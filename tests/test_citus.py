@@ -115,7 +115,13 @@ async def test_concurrent_appends_of_many_users_in_four_slices_are_each_listed_o
         users = [new_user() for _ in range(24)]
         conversations = {u: [(await api.create(u))["id"] for _ in range(2)] for u in users}
 
+        gate = asyncio.Semaphore(32)  # 32 requests in flight at a time, the benchmarks' concurrency
+
         async def post(user: str, cid: str, i: int) -> tuple[str, str, int, dict[str, object]]:
+            async with gate:
+                return await post_now(user, cid, i)
+
+        async def post_now(user: str, cid: str, i: int) -> tuple[str, str, int, dict[str, object]]:
             r = await api.client.post(
                 f"/v1/conversations/{cid}/messages",
                 json={"role": "user", "content": f"{user} {cid} {i}"},
