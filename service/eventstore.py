@@ -582,6 +582,11 @@ async def data_key(
         if aead is not None:
             return aead, None
         if await conn.fetchval(_EXISTS, stream_id):
+            # The stream's first events may have committed (with its key) since the key was read:
+            # a key missing after its events were seen is erased.
+            aead = await stream_key(conn, keyring, stream_id)
+            if aead is not None:
+                return aead, None
             raise NotFound(str(stream_id))  # erased
     return keyring.new_stream_key(stream_id)
 
