@@ -131,6 +131,13 @@ CREATE TABLE projection_marks (
     position bigint NOT NULL,
     CONSTRAINT projection_marks_pkey PRIMARY KEY (user_id, name)
 );
+-- Users moved in with their events: marked at the projection's oldest checkpoint (of any slice),
+-- which has folded everything before it; later events mark them as they are folded.
+INSERT INTO projection_marks (user_id, name, tx_id, position)
+SELECT e.user_id, 'conversations', c.tx_id, c.position
+FROM (SELECT DISTINCT user_id FROM events) AS e,
+     (SELECT tx_id, position FROM projection_checkpoints
+      WHERE name = 'conversations' OR name LIKE 'conversations#%' ORDER BY tx_id, position LIMIT 1) AS c;
 """
 
 # Parents first: a colocated table's foreign key needs its parent distributed.
@@ -153,6 +160,9 @@ async def distribute(conn: asyncpg.Connection) -> bool:
     has_citus = await conn.fetchval("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")
     if not has_citus or await is_distributed(conn):
         return False
+    if int(await conn.fetchval("SHOW citus.shard_replication_factor")) != 1:
+        # A shard with two placements is written through two connections: two-phase commits.
+        raise RuntimeError("chatlog needs citus.shard_replication_factor = 1 (use the nodes' own replication)")
     async with conn.transaction():
         await conn.execute(_RESHAPE)
     # create_distributed_table copies the local rows into the shards, and may not run inside a

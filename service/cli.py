@@ -111,6 +111,7 @@ def serve_settings(settings: Settings, args: argparse.Namespace) -> Settings:
     assert settings.database_url
     _check_search_config(settings)  # before migrating: it needs no tables, and a bad one changes nothing
     asyncio.run(_migrate(settings, "head"))
+    _check_read_replica(settings)
     log.info("schema migrated; listening on http://%s:%d", settings.host, settings.port)
     return settings
 
@@ -152,6 +153,29 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         asyncio.run(_migrate(settings, args.revision))
         print(f"migrated to {args.revision}")
     return 0
+
+
+def _check_read_replica(settings: Settings) -> None:
+    """A physical standby of one server is a replica; a Citus cluster's would need a standby of
+    every node, which this setting does not describe: refused there (README, Citus's limits)."""
+    if not settings.read_database_url:
+        return
+
+    async def distributed() -> bool:
+        from service.citus import is_distributed
+
+        assert settings.database_url
+        conn = await _connected(settings.database_url)
+        try:
+            return await is_distributed(conn)
+        finally:
+            await conn.close()
+
+    if asyncio.run(distributed()):
+        raise SettingsError(
+            "CHATLOG_READ_DATABASE_URL: the database is distributed by Citus, and a read replica of a Citus "
+            "cluster needs a standby of every node; unset it"
+        )
 
 
 def _check_search_config(settings: Settings) -> None:
@@ -285,6 +309,7 @@ def cmd_mcp(settings: Settings, args: argparse.Namespace) -> int:
     assert settings.database_url
     _check_search_config(settings)
     asyncio.run(_migrate(settings, "head"))
+    _check_read_replica(settings)
     asyncio.run(serve_stdio(settings, args.user))
     return 0
 

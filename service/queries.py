@@ -131,10 +131,10 @@ async def _readable_distributed(
 ) -> tuple[Any, ...]:
     """`_READABLE`'s answer on Citus (`_READABLE_SLICED`'s with slices), the own event counted
     only once its mark has passed it."""
-    checkpoint = await _checkpoint_of(conn, user_id, slices)
-    own = await conn.fetchrow(_OWN_AND_MARK, user_id)
     asked = await conn.fetchval(_ASKED, min_position) if min_position is not None else None
     below = asked is not None and bool(await conn.fetchval(_BELOW_HORIZON, asked))  # the coordinator's horizon
+    checkpoint = await _checkpoint_of(conn, user_id, slices)
+    own = await conn.fetchrow(_OWN_AND_MARK, user_id)
     own_tx, own_position = (None, None) if own is None else (own[0], own[1])
     if checkpoint is None or (
         own is not None and (own[2] is None or Checkpoint(int(own[2]), own[3]) < Checkpoint(int(own[0]), own[1]))

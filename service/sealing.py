@@ -264,7 +264,7 @@ async def rotate(conn: asyncpg.Connection, keyring: Keyring, batch: int = 1000) 
     while True:
         async with conn.transaction():
             rows = await conn.fetch(
-                "SELECT stream_id, wrapped, master_id, user_id FROM data_keys WHERE master_id <> $1 "
+                "SELECT stream_id, wrapped, master_id FROM data_keys WHERE master_id <> $1 "
                 "ORDER BY stream_id LIMIT $2 FOR UPDATE",
                 keyring.current_id,
                 batch,
@@ -277,12 +277,10 @@ async def rotate(conn: asyncpg.Connection, keyring: Keyring, batch: int = 1000) 
 async def _rewrap(conn: asyncpg.Connection, keyring: Keyring, rows: list[asyncpg.Record]) -> int:
     await conn.execute(
         "UPDATE data_keys AS k SET wrapped = n.wrapped, master_id = $3 "
-        "FROM unnest($1::uuid[], $2::bytea[], $4::text[]) AS n(stream_id, wrapped, user_id) "
-        "WHERE k.user_id = n.user_id AND k.stream_id = n.stream_id",
+        "FROM unnest($1::uuid[], $2::bytea[]) AS n(stream_id, wrapped) WHERE k.stream_id = n.stream_id",
         [r[0] for r in rows],
         [keyring.wrap(r[0], keyring.unwrap_raw(r[0], r[1], r[2])) for r in rows],
         keyring.current_id,
-        [r[3] for r in rows],
     )
     return len(rows)
 
@@ -299,10 +297,17 @@ async def _rotate_by_user(conn: asyncpg.Connection, keyring: Keyring, batch: int
         for (user_id,) in users:
             async with conn.transaction():
                 rows = await conn.fetch(
-                    "SELECT stream_id, wrapped, master_id, user_id FROM data_keys WHERE user_id = $1 "
+                    "SELECT stream_id, wrapped, master_id FROM data_keys WHERE user_id = $1 "
                     "AND master_id <> $2 ORDER BY stream_id FOR UPDATE",
                     user_id,
                     keyring.current_id,
                 )
-                if rows:
-                    moved += await _rewrap(conn, keyring, rows)
+                for stream_id, wrapped, master_id in rows:  # statements on the user's shard alone
+                    await conn.execute(
+                        "UPDATE data_keys SET wrapped = $3, master_id = $4 WHERE user_id = $1 AND stream_id = $2",
+                        user_id,
+                        stream_id,
+                        keyring.wrap(stream_id, keyring.unwrap_raw(stream_id, wrapped, master_id)),
+                        keyring.current_id,
+                    )
+                moved += len(rows)

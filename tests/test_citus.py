@@ -28,6 +28,7 @@ from service.erasure import erase_conversation, erase_user
 from service.events import ConversationStarted, MessageAppended
 from service.eventstore import EventStore
 from service.ids import uuid7
+from service.sealing import new_master_key
 from tests.citus import CitusCluster, CitusDatabases, require_citus
 from tests.clusters import chatlog_env, pages
 from tests.keys import KEYRING
@@ -152,6 +153,8 @@ async def test_concurrent_appends_of_many_users_in_four_slices_are_each_listed_o
     assert done.returncode == 0, done.stdout + done.stderr
     done = chatlog(env, "replay")
     assert done.returncode == 0, done.stdout + done.stderr
+    done = chatlog(env, "replay", "--slice", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
     done = chatlog(env, "verify")
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -235,6 +238,8 @@ async def test_a_single_server_database_moves_into_the_cluster_by_dump_restore_a
         streams[stream] = f"mover-{n}"
     await store.aclose()
     await pool.close()
+    done = chatlog(single_env, "replay")  # the read tables and their checkpoint move in too
+    assert done.returncode == 0, done.stdout + done.stderr
     dump = tmp_path / "single.dump"
     bin_dir = coordinator.bin
     subprocess.run(
@@ -259,9 +264,7 @@ async def test_a_single_server_database_moves_into_the_cluster_by_dump_restore_a
     assert (await fetch(coordinator.url(target), "SELECT count(*) FROM events"))[0][0] == 6 * 4
     owners = await fetch(coordinator.url(target), "SELECT stream_id, user_id FROM stream_owners")
     assert dict(owners) == streams
-    done = chatlog(env, "replay")
-    assert done.returncode == 0, done.stdout + done.stderr
-    done = chatlog(env, "verify")
+    done = chatlog(env, "verify")  # the moved read tables, as they came
     assert done.returncode == 0, done.stdout + done.stderr
     served = serve(env, _free_port(), tmp_path / "serve.log")
     api = Api(served.base_url, coordinator.url(target))
@@ -277,6 +280,15 @@ async def test_a_single_server_database_moves_into_the_cluster_by_dump_restore_a
     finally:
         await api.client.aclose()
         served.stop()
+    # Then the maintenance commands, on the cluster: replay, a master key rotation, verify.
+    done = chatlog(env, "replay")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rotating = env | {"CHATLOG_MASTER_KEY": f"{new_master_key()},{env['CHATLOG_MASTER_KEY']}"}
+    done = chatlog(rotating, "keys", "rotate")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "re-wrapped 6 data key(s)" in done.stdout, done.stdout
+    done = chatlog(rotating, "verify")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 async def test_group_commit_batches_users_of_a_shard_and_never_commits_the_log_in_two_phases(
