@@ -159,6 +159,14 @@ async def test_concurrent_appends_of_many_users_in_four_slices_are_each_listed_o
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+# The worker's connection (named after its process) inside a batch, on the coordinator: the batch's
+# transaction has an id once it has locked its checkpoint row, and keeps it until it commits.
+_IN_A_BATCH = (
+    "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'chatlog-projection-%-' || $1::text "
+    "AND backend_xid IS NOT NULL"
+)
+
+
 async def test_a_projection_worker_killed_mid_batch_ten_times_loses_and_doubles_nothing(
     databases: CitusDatabases, tmp_path: Path
 ) -> None:
@@ -189,7 +197,13 @@ async def test_a_projection_worker_killed_mid_batch_ten_times_loses_and_doubles_
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            await asyncio.sleep(random.uniform(0.8, 1.6))  # batches of 50 under a stream of appends
+            await asyncio.sleep(random.uniform(0.5, 1.2))  # batches of 50 under a stream of appends
+            for _ in range(2000):  # then kill it inside a batch: its transaction begun, not committed
+                if await fetch(url, _IN_A_BATCH, str(proc.pid)):
+                    break
+                await asyncio.sleep(0.001)
+            else:
+                raise AssertionError("the worker was never seen inside a batch")
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
             kills += 1
