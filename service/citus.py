@@ -35,18 +35,14 @@ _EVENTS_DISTRIBUTED: Final = "SELECT EXISTS (SELECT FROM pg_dist_partition WHERE
 _SETTINGS: Final = "SET plan_cache_mode = force_custom_plan; SET citus.override_table_visibility = off"
 _KNOWN: weakref.WeakKeyDictionary[asyncpg.Connection, bool] = weakref.WeakKeyDictionary()
 
-_IS_DISTRIBUTED: Final = """
-SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')
-   AND EXISTS (SELECT FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
-               WHERE c.relname = 'pg_dist_partition' AND n.nspname = 'pg_catalog')
-"""
+_HAS_CITUS: Final = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"  # then pg_dist_* exist
 
 
 async def is_distributed(conn: asyncpg.Connection) -> bool:
     """Whether the log on this connection's database is distributed by Citus (asked once per connection)."""
     known = _KNOWN.get(conn)
     if known is None:
-        known = bool(await conn.fetchval(_IS_DISTRIBUTED)) and bool(await conn.fetchval(_EVENTS_DISTRIBUTED))
+        known = bool(await conn.fetchval(_HAS_CITUS)) and bool(await conn.fetchval(_EVENTS_DISTRIBUTED))
         if known:
             # Citus plans a statement over distributed tables with its parameters' values; a
             # generic plan (the store's pool asks for them on one server) cannot be distributed.
@@ -157,8 +153,7 @@ async def distribute(conn: asyncpg.Connection) -> bool:
     distributed yet; whether it did. The rows already there move into the shards (the way from
     one server to a cluster: restore a dump into the coordinator, then `chatlog migrate`). The
     shard count is Citus's `citus.shard_count` (32 unless the database or role sets another)."""
-    has_citus = await conn.fetchval("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")
-    if not has_citus or await is_distributed(conn):
+    if not await conn.fetchval(_HAS_CITUS) or await is_distributed(conn):
         return False
     if int(await conn.fetchval("SHOW citus.shard_replication_factor")) != 1:
         # A shard with two placements is written through two connections: two-phase commits.

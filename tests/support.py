@@ -30,6 +30,13 @@ def token(user: str, **claims: Any) -> str:
     return jwt.encode(payload, SECRET, algorithm="HS256")
 
 
+def chatlog(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The `chatlog` command with `args`, in `env`, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def auth(user: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token(user)}"}
 

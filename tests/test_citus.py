@@ -32,7 +32,7 @@ from service.sealing import new_master_key
 from tests.citus import CitusCluster, CitusDatabases, require_citus
 from tests.clusters import chatlog_env, pages
 from tests.keys import KEYRING
-from tests.support import Api, _free_port, auth, new_user, serve
+from tests.support import Api, _free_port, auth, chatlog, new_user, serve
 
 # The contract, again, on Citus: every test of these modules runs here with this module's
 # `databases` (the conftest's `api` and `db_url` fixtures take it).
@@ -55,12 +55,6 @@ def citus() -> Iterator[CitusCluster]:
 @pytest.fixture(scope="module")
 def databases(citus: CitusCluster) -> CitusDatabases:
     return CitusDatabases(citus)
-
-
-def chatlog(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def chain(contents: list[str]) -> list[MessageAppended]:

@@ -4,8 +4,6 @@ is under load, and a wrong, missing or malformed master key stops `serve` at onc
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -14,16 +12,10 @@ from service.sealing import master_key_id, new_master_key, parse_master_keys
 from tests.clusters import Appends, pages
 from tests.conftest import Databases, _libpq
 from tests.keys import MASTER_KEY
-from tests.support import Api, _free_port, auth, new_user, serve
+from tests.support import Api, _free_port, auth, chatlog, new_user, serve
 from tests.test_sealing_migration import env_for
 
 OLD = MASTER_KEY
-
-
-def chatlog(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True, timeout=300
-    )
 
 
 async def master_ids(db_url: str) -> dict[str, int]:
