@@ -18,19 +18,25 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
-_NEEDED = "SELECT (SELECT max(tx_id) FROM events)::text::numeric, chatlog_xact_id()::text::numeric"
+_NEEDED = (
+    "SELECT (SELECT max(tx_id) FROM events)::text::numeric, chatlog_xact_id()::text::numeric,"
+    " (SELECT shift FROM log_clock)"
+)
 
 
 async def settle(conn: asyncpg.Connection) -> Decimal | None:
     """Raise the clock's shift if the log's ids started over; the new shift, or None."""
-    newest, now = await conn.fetchrow(_NEEDED)
+    newest, now, seen = await conn.fetchrow(_NEEDED)
     if newest is None or newest < now:
         return None
     async with conn.transaction():
         await conn.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-        newest, now = await conn.fetchrow(_NEEDED)
-        if newest is None or newest < now:
-            return None  # another process settled it while this one waited
+        newest, now, shifted = await conn.fetchrow(_NEEDED)
+        # Another process settled it while this one waited. Its shift is read, not inferred from
+        # `now`: an exclusive lock is logged for standbys, so this transaction took its id when it
+        # asked for the lock, and an id older than the other process's can still stand at `newest`.
+        if shifted != seen or newest < now:
+            return None
         server = Decimal(await conn.fetchval("SELECT pg_current_xact_id()::text"))
         shift: Decimal = newest - server + 1
         ids = f"(pg_current_xact_id()::text::numeric + {shift})::text::xid8"
