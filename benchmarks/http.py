@@ -199,9 +199,19 @@ def rotating(method: str, paths: list[str], headers: dict[str, str], body: str |
     lua_paths = ",\n".join(f'"{p}"' for p in paths)
     lua_headers = ", ".join(f'["{k}"] = "{v}"' for k, v in headers.items())
     lua_body = f"[[{body}]]" if body is not None else "nil"
+    # Each wrk thread starts half the list from the other: LuaJIT's unseeded math.random would
+    # start both at one place, and their appends would race for the same conversations.
     return f"""
 local paths = {{ {lua_paths} }}
-local i = math.random(#paths)
+local threads = {{}}
+function setup(thread)
+  table.insert(threads, thread)
+  thread:set("id", #threads)
+end
+local i = 0
+function init(args)
+  i = math.floor((id - 1) * #paths / 2) % #paths
+end
 request = function()
   i = i % #paths + 1
   return wrk.format("{method}", paths[i], {{ {lua_headers} }}, {lua_body})

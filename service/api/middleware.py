@@ -105,6 +105,7 @@ def request_context(metrics: RequestMetrics) -> Any:
                     }
                     log.info(json.dumps(line))  # ASCII: a path may hold lone surrogates
 
+        middleware.__wrapped__ = app  # type: ignore[attr-defined]  # what it wraps (the tests reach in)
         return middleware
 
     return factory
