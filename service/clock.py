@@ -37,7 +37,9 @@ async def settle(conn: asyncpg.Connection) -> Decimal | None:
         # asked for the lock, and an id older than the other process's can still stand at `newest`.
         if shifted != seen or newest < now:
             return None
-        server = Decimal(await conn.fetchval("SELECT pg_current_xact_id()::text"))
+        # From the oldest transaction still running, not this one: one that took its id before
+        # this one (and inserts after the lock is gone) must still sort after the restored events.
+        server = Decimal(await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text"))
         shift: Decimal = newest - server + 1
         ids = f"(pg_current_xact_id()::text::numeric + {shift})::text::xid8"
         horizon = f"(pg_snapshot_xmin(pg_current_snapshot())::text::numeric + {shift})::text::xid8"
@@ -51,7 +53,7 @@ async def settle(conn: asyncpg.Connection) -> Decimal | None:
         await conn.execute("UPDATE log_clock SET shift = $1, changed_at = now()", shift)
     log.warning(
         "the log's transaction ids started over (a restore or a move to another server): its newest id %s "
-        "is at or above this server's %s; new events now take ids from %s on",
-        newest, server, newest + 2,
+        "is at or above this server's %s; new events now take ids above %s",
+        newest, server, newest,
     )  # fmt: skip
     return shift

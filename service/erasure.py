@@ -13,7 +13,6 @@ erasures, `chatlog erasures apply` (with the file `chatlog erasures export` wrot
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -36,14 +35,6 @@ from service.eventstore import (
 )
 
 MAX_RETRIES: Final = 50
-# A user's read rows are deleted a chunk of about CHUNK_ROWS rows at a time, with a short pause
-# between chunks: on a small machine, other users' reads then never queue behind one long burst
-# of the erasure's CPU (issue 15 measured their p99 at 3-4 times its usual during a one-statement
-# erasure of 10,000 messages). The pauses add at most PAUSES_SECONDS to an erasure, however large.
-# It is still one transaction: what anyone sees is the same.
-CHUNK_ROWS: Final = 250
-PAUSE_SECONDS: Final = 0.005
-PAUSES_SECONDS: Final = 0.5
 
 
 class _Moved(Exception):
@@ -63,7 +54,7 @@ SELECT stream_version, user_id, type FROM events WHERE stream_id = $1 ORDER BY s
 # On Citus the user's shard is named, and the one-shard query keeps the simple form.
 _HEADS = """
 SELECT s.id, (SELECT stream_version FROM events WHERE stream_id = s.id ORDER BY stream_version DESC LIMIT 1)
-FROM unnest($1::uuid[]) AS s(id)
+FROM unnest($1::uuid[]) AS s(id) ORDER BY s.id
 """
 _HEADS_DISTRIBUTED = """
 SELECT DISTINCT ON (stream_id) stream_id, stream_version FROM events
@@ -163,7 +154,7 @@ async def _erase(conn: asyncpg.Connection, user_id: str, streams: Sequence[tuple
     # Every statement names the user: on Citus it then stays on the user's shard (service/citus.py).
     await conn.execute("DELETE FROM data_keys WHERE user_id = $2 AND stream_id = ANY($1::uuid[])", ids, user_id)
     await conn.execute("DELETE FROM idempotency_keys WHERE user_id = $2 AND stream_id = ANY($1::uuid[])", ids, user_id)
-    await _erase_rows_paced(conn, user_id, ids)
+    await erase_rows(conn, {"messages": "messages", "conversations": "conversations"}, ids, user_id)
     if await is_distributed(conn):  # on one shard, in one phase (service/citus.py)
         rows = [(user_id, stream_id, position) for stream_id, position in zip(ids, positions, strict=True)]
         await insert_values(conn, "erasures", ("user_id", "stream_id", "position"), ("text", "uuid", "bigint"), rows)
@@ -175,35 +166,6 @@ async def _erase(conn: asyncpg.Connection, user_id: str, streams: Sequence[tuple
             positions,
         )
     return positions
-
-
-async def _erase_rows_paced(conn: asyncpg.Connection, user_id: str, ids: list[uuid.UUID]) -> None:
-    """The streams' read rows, deleted by chunks of conversations of about CHUNK_ROWS messages.
-    Not on Citus: there an erasure holds every projection batch back (`_exclude_batches`) for as
-    long as it runs, and its rows are on a worker node, not beside the coordinator's reads."""
-    names = {"messages": "messages", "conversations": "conversations"}
-    if len(ids) == 1 or await is_distributed(conn):
-        await erase_rows(conn, names, ids, user_id)
-        return
-    sizes = dict(
-        await conn.fetch(
-            "SELECT id, message_count FROM conversations WHERE user_id = $2 AND id = ANY($1::uuid[])", ids, user_id
-        )
-    )
-    chunks: list[list[uuid.UUID]] = [[]]
-    rows = 0
-    for stream_id in ids:
-        size = 1 + (sizes.get(stream_id) or 0)
-        if chunks[-1] and rows + size > CHUNK_ROWS:
-            chunks.append([])
-            rows = 0
-        chunks[-1].append(stream_id)
-        rows += size
-    pause = min(PAUSE_SECONDS, PAUSES_SECONDS / len(chunks))
-    for i, chunk in enumerate(chunks):
-        if i:
-            await asyncio.sleep(pause)
-        await erase_rows(conn, names, chunk, user_id)
 
 
 async def _exclude_batches(conn: asyncpg.Connection) -> None:

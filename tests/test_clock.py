@@ -57,3 +57,27 @@ async def test_a_log_from_a_server_far_ahead_is_shifted_once_and_new_events_foll
     finally:
         for c in (conn, *others):
             await c.close()
+
+
+async def test_a_transaction_older_than_the_shift_still_writes_after_the_restored_events(
+    store: EventStore, raw_dsn: str
+) -> None:
+    """A transaction that took its id before the clock was settled, and appends after, must not
+    sort below the restored events (a checkpoint restored with them could stand past it)."""
+    conn, older = await asyncpg.connect(raw_dsn), await asyncpg.connect(raw_dsn)
+    try:
+        data = '{"type": "conversation.started", "title": "old", "metadata": {}}'
+        insert = (
+            "INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata{tx}) "
+            "VALUES ($1, $2, 1, 'alice', 'conversation.started', $3::jsonb, '{{\"schema_version\": 1}}'{value})"
+        )
+        await conn.execute(insert.format(tx=", tx_id", value=", $4::text::xid8"), uuid7(), uuid7(), data, str(FAR))
+        async with older.transaction():
+            await older.fetchval("SELECT pg_current_xact_id()")  # its id, taken before the shift
+            assert await clock.settle(conn) is not None
+            await older.execute(insert.format(tx="", value=""), uuid7(), uuid7(), data)
+        newest = await conn.fetchval("SELECT max(tx_id)::text::numeric FROM events")
+        assert newest > FAR  # the older transaction's event sorts after the restored one
+    finally:
+        for c in (conn, older):
+            await c.close()

@@ -127,6 +127,7 @@ async def test_the_lean_path_answers_every_append_as_the_route_does(pair: Pair) 
         ("no token", "", ok, {}, None, False),
         ("a bad token", "", ok, {"authorization": "Bearer nope"}, None, False),
         ("a text body", "", ok, {"content-type": "text/plain"}, "me", False),
+        ("a host header that is not one", "", ok, {"host": "a b"}, "me", False),
         ("a body over the limit", "", b'{"role": "user", "content": "' + b"x" * 1_100_000 + b'"}', {}, "me", False),
         ("an empty body", "", b"", {}, "me", False),
         (
@@ -175,3 +176,10 @@ async def test_the_lean_path_answers_every_append_as_the_route_does(pair: Pair) 
     assert (
         statuses[True] == statuses[False] and len(statuses[True]) == 6
     )  # the same messages stored, once each (a text/plain body is JSON all the same)
+    for body in (ok, b"{}"):  # as served: the lean path answers the first, the route the second
+        mine = {"authorization": f"Bearer {token(sides[True])}", "content-type": "application/json"}
+        await pair.client.post(f"/v1/conversations/{conversations[True]}/messages", content=body, headers=mine)
+    metrics = (await pair.client.get("/metrics")).text
+    route = 'method="POST",route="/v1/conversations/{conversation_id}/messages"'
+    assert f'{route},status="201"' in metrics and f'{route},status="422"' in metrics  # one series, either path
+    assert ":str}" not in metrics

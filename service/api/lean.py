@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import msgspec
 from litestar import Litestar, Request
+from litestar._asgi.utils import is_valid_host  # the router's own check, so that both refuse alike
 from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, ReceiveMessage, Scope, Send
 
 from service import commands, shapes
@@ -31,7 +32,7 @@ from service.eventstore import validate_idempotency_key
 from service.ids import parse_uuid
 from service.problems import answer_for, send_problem
 
-ROUTE: Final = "/v1/conversations/{conversation_id:str}/messages"
+ROUTE: Final = "/v1/conversations/{conversation_id}/messages"  # the metrics' route label, as Litestar gives it
 _PATH: Final = re.compile(r"^/v1/conversations/([^/]{1,64})/messages$")
 _DECODER: Final = msgspec.json.Decoder(shapes.MessageCreate, strict=True)
 _ENCODER: Final = msgspec.json.Encoder()
@@ -58,7 +59,7 @@ def lean_append(app: Litestar) -> Any:
             except _Declined:
                 await router(scope, _replaying(read, receive), send)
                 return
-            scope["path_template"] = ROUTE  # for the request metrics, as Litestar's router sets it
+            scope["path_template"] = ROUTE  # for the request metrics
             fingerprint = b"" if key is None else commands.request_fingerprint("POST", _path(scope), data)
             try:
                 message, replayed = await commands.append_message(
@@ -94,6 +95,10 @@ async def _request(app: Litestar, scope: Scope, conversation_id: str) -> tuple[s
     authorization: str | None = None
     key: str | None = None
     for name, value in scope["headers"]:
+        if name == b"host" and not is_valid_host(value):
+            raise _Declined  # Litestar's router refuses it
+        if name == b"content-length" and not (value.isdigit() and int(value) <= app.state.settings.max_body_bytes):
+            raise _Declined  # a 413 (or 422) before the body is read, from Litestar
         if name == b"authorization":
             if authorization is not None:
                 raise _Declined
