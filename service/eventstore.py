@@ -955,19 +955,21 @@ class _Waiting:
 class GroupCommit:
     """Appends that arrive together share one transaction, one statement and one commit (DESIGN.md).
 
-    A command that finds a free slot and nothing queued is sent at once, as its own one-statement
-    transaction: an idle store waits for nothing. While `max_in_flight` batches run, arrivals
-    queue; when the database answers one, everything queued (up to `max_batch`, one command per
-    stream and per idempotency key) goes as the next batch. Each command stays atomic and is
+    A command that finds nothing running is sent at once, as its own one-statement transaction:
+    an idle store waits for nothing. While a batch runs, arrivals queue; a second batch starts
+    beside it once `beside` commands wait (up to `max_in_flight` side by side), and when the
+    database answers one, everything queued (up to `max_batch`, one command per stream and per
+    idempotency key) goes as the next batch. Each command stays atomic and is
     answered as if alone: a command the batch's statement skipped (a stale version, a foreign
     stream, a used key) is settled alone afterwards, a unique conflict sends the whole batch
     alone, and only a command whose events committed is answered with them.
     """
 
-    def __init__(self, store: EventStore, *, max_batch: int = 256, max_in_flight: int = 2) -> None:
+    def __init__(self, store: EventStore, *, max_batch: int = 256, max_in_flight: int = 2, beside: int = 8) -> None:
         self.store = store
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
+        self.beside = beside
         self.queue: collections.deque[_Waiting] = collections.deque()
         self.in_flight = 0
         self.batches = 0  # batches of more than one command committed (the tests look)
@@ -977,14 +979,22 @@ class GroupCommit:
         self._waking = False  # a batch's answers were just handed out, in this turn of the loop
 
     async def submit(self, prepared: Prepared) -> Appended:
-        if not self.queue and self.in_flight < self.max_in_flight:
+        if not self.queue and self._may_start(1):
             return await self._lead(prepared)
         prepared = await self.store.placed(prepared)
         waiting = _Waiting(prepared, asyncio.get_running_loop().create_future())
         self.queue.append(waiting)
-        if self.in_flight < self.max_in_flight:
+        if self._may_start(len(self.queue)):
             self._start()
         return await self._answer(waiting)
+
+    def _may_start(self, commands: int) -> bool:
+        """Whether a batch of `commands` may start now: with a slot free, at once when nothing
+        runs (the idle path), and beside a running batch only once `beside` commands are waiting.
+        Below that they wait for the running batch to end (about a millisecond) and go together:
+        a batch's fixed cost (a round trip, a commit, a WAL flush: about 0.35 ms of the
+        database's) is then shared by many, instead of spent on one."""
+        return self.in_flight < self.max_in_flight and (self.in_flight == 0 or commands >= self.beside)
 
     async def _answer(self, waiting: _Waiting) -> Appended:
         try:
@@ -1035,7 +1045,8 @@ class GroupCommit:
         """A batch ended (or has its answer): the next one takes everything queued meanwhile."""
         self.in_flight -= 1
         if self.queue:
-            self._start()
+            if self._may_start(len(self.queue)):
+                self._start()
         elif self.in_flight == 0:
             self._idle.set()
 
@@ -1253,6 +1264,7 @@ class EventStore:
             if self.distributed and self.group is not None:
                 # A batch keeps to one shard: batches of different shards go side by side.
                 self.group.max_in_flight = max(self.group.max_in_flight, CITUS_BATCHES_IN_FLIGHT)
+                self.group.beside = 1  # a batch per shard: another shard's commands cannot wait to join one
         if not self.distributed or prepared.shard is not None:
             return prepared
         user_id = prepared.user_id

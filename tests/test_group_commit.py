@@ -199,19 +199,19 @@ async def test_a_caller_cancelled_while_queued_stores_nothing(store: EventStore,
             KEYRING.new_data_key(blocked)[1],
             KEYRING.current_id,
         )
-        # Appends to a stream whose first event is not committed yet wait on its unique index:
-        # two of them take both in-flight slots, so the next command queues.
+        # An append to a stream whose first event is not committed yet waits on its unique index:
+        # it holds the one running batch, and the next commands queue behind it.
         first = asyncio.ensure_future(store.append("alice", blocked, [message("after the blocker 1")]))
         second = asyncio.ensure_future(store.append("alice", blocked, [message("after the blocker 2")]))
         await asyncio.sleep(0.2)
-        assert store.group.in_flight == store.group.max_in_flight == 2
+        assert store.group.in_flight == 1 and len(store.group.queue) == 1
         queued_stream = uuid7()
         queued = asyncio.ensure_future(store.append("carol", queued_stream, [ConversationStarted(title="gone")]))
         await asyncio.sleep(0.05)
-        assert len(store.group.queue) == 1
+        assert len(store.group.queue) == 2
         queued.cancel()
         await asyncio.sleep(0)
-        assert not store.group.queue
+        assert [w.prepared.stream_id for w in store.group.queue] == [blocked]  # only the cancelled one left
     finally:
         await transaction.commit()
         await blocker.close()
@@ -223,6 +223,49 @@ async def test_a_caller_cancelled_while_queued_stores_nothing(store: EventStore,
         assert await conn.fetchval("SELECT count(*) FROM events WHERE stream_id = $1", queued_stream) == 0
     finally:
         await conn.close()
+
+
+async def test_a_second_batch_starts_beside_a_running_one_only_when_enough_wait(
+    store: EventStore, raw_dsn: str
+) -> None:
+    """A batch's fixed cost (a round trip, a commit, a flush) is worth a second slot only when
+    it is shared: fewer waiting commands wait for the running batch and go with the next one."""
+    assert store.group is not None
+    blocked = uuid7()
+    blocker = await asyncpg.connect(raw_dsn)
+    transaction = blocker.transaction()
+    await transaction.start()
+    try:
+        await blocker.execute(
+            "INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata) "
+            "VALUES ($1, $2, 1, 'alice', 'conversation.started', '{\"title\": \"\", \"metadata\": {}}', '{}')",
+            uuid7(),
+            blocked,
+        )
+        await blocker.execute(
+            "INSERT INTO data_keys (stream_id, user_id, wrapped, master_id) VALUES ($1, 'alice', $2, $3)",
+            blocked,
+            KEYRING.new_data_key(blocked)[1],
+            KEYRING.current_id,
+        )
+        first = asyncio.ensure_future(store.append("alice", blocked, [message("held")]))
+        await asyncio.sleep(0.2)
+        assert store.group.in_flight == 1
+        beside, batches = store.group.beside, store.group.batches
+
+        def start() -> asyncio.Future[Appended]:
+            return asyncio.ensure_future(store.append("bob", uuid7(), [ConversationStarted(title="t")]))
+
+        others = [start() for _ in range(beside - 1)]
+        await asyncio.sleep(0.2)
+        assert store.group.in_flight == 1 and len(store.group.queue) == beside - 1  # they wait
+        others.append(start())  # the one that makes `beside`: all of them go, beside the held batch
+        assert [(await o).version for o in others] == [1] * beside
+        assert store.group.batches == batches + 1 and not first.done()  # as one batch, while it waits
+    finally:
+        await transaction.commit()
+        await blocker.close()
+    assert (await first).version == 2
 
 
 async def test_closing_the_store_answers_every_append_first(pool: ConnectionPool, raw_dsn: str) -> None:
