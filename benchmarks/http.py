@@ -195,15 +195,10 @@ def wrk(
     return result
 
 
-def rotating(method: str, paths: list[str], headers: dict[str, str], body: str | None = None) -> str:
-    lua_paths = ",\n".join(f'"{p}"' for p in paths)
-    lua_headers = ", ".join(f'["{k}"] = "{v}"' for k, v in headers.items())
-    lua_body = f"[[{body}]]" if body is not None else "nil"
-    # Each wrk thread starts half the list from the other: LuaJIT's unseeded math.random would
-    # start both at one place, and their appends would race for the same conversations.
-    return f"""
-local paths = {{ {lua_paths} }}
-local threads = {{}}
+# wrk's script starts each thread (wrk() runs two) half the list `paths` from the other, at `i`:
+# LuaJIT's unseeded math.random would start both at one place, and appends would race for the
+# same conversations.
+STAGGERED = """local threads = {}
 function setup(thread)
   table.insert(threads, thread)
   thread:set("id", #threads)
@@ -212,7 +207,16 @@ local i = 0
 function init(args)
   i = math.floor((id - 1) * #paths / 2) % #paths
 end
-request = function()
+"""
+
+
+def rotating(method: str, paths: list[str], headers: dict[str, str], body: str | None = None) -> str:
+    lua_paths = ",\n".join(f'"{p}"' for p in paths)
+    lua_headers = ", ".join(f'["{k}"] = "{v}"' for k, v in headers.items())
+    lua_body = f"[[{body}]]" if body is not None else "nil"
+    return f"""
+local paths = {{ {lua_paths} }}
+{STAGGERED}request = function()
   i = i % #paths + 1
   return wrk.format("{method}", paths[i], {{ {lua_headers} }}, {lua_body})
 end

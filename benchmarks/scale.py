@@ -66,7 +66,7 @@ import asyncpg
 import httpx
 
 from benchmarks.common import libpq, process_cpu_seconds
-from benchmarks.http import SECRET, free_port, rotating, start, stop, token, wait_caught_up, wrk
+from benchmarks.http import SECRET, STAGGERED, free_port, rotating, start, stop, token, wait_caught_up, wrk
 from service.connections import ConnectionPool
 from service.events import ConversationStarted, MessageAppended
 from service.eventstore import EventStore
@@ -106,25 +106,15 @@ def cluster_cpu_seconds(cluster: Cluster) -> float:
 
 
 def appends(paths: list[str], tokens: list[str]) -> str:
-    """wrk's script: POST a message to each path in turn, as the path's owner. Each wrk thread
-    starts at a place of its own (LuaJIT's unseeded math.random would start them all at the
-    same one, and their appends would race for the same conversations)."""
+    """wrk's script: POST a message to each path in turn, as the path's owner, each wrk thread
+    starting at a place of its own (`STAGGERED`)."""
     lua_paths = ",\n".join(f'"{p}"' for p in paths)
     lua_tokens = ",\n".join(f'"{t}"' for t in tokens)
     body = '{"role": "user", "content": "' + CONTENT + '"}'
     return f"""
 local paths = {{ {lua_paths} }}
 local tokens = {{ {lua_tokens} }}
-local threads = {{}}
-function setup(thread)
-  table.insert(threads, thread)
-  thread:set("id", #threads)
-end
-local i = 0
-function init(args)
-  i = math.floor((id - 1) * #paths / 2) % #paths  -- wrk() runs two threads: half the list apart
-end
-request = function()
+{STAGGERED}request = function()
   i = i % #paths + 1
   return wrk.format("POST", paths[i], {{ ["Authorization"] = "Bearer " .. tokens[i],
                                         ["Content-Type"] = "application/json" }}, [[{body}]])

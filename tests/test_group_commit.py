@@ -4,8 +4,11 @@ exactly as it would be alone; a lost connection mid-batch loses and doubles noth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -180,8 +183,10 @@ async def test_a_lone_append_is_sent_at_once(store: EventStore) -> None:
     assert (await task).version == 1
 
 
-async def test_a_caller_cancelled_while_queued_stores_nothing(store: EventStore, raw_dsn: str) -> None:
-    assert store.group is not None
+@contextlib.asynccontextmanager
+async def uncommitted_stream(raw_dsn: str) -> AsyncIterator[uuid.UUID]:
+    """A stream of alice's whose first event (and key) another transaction holds uncommitted
+    until the block ends: appends to it wait on its unique index, holding their batch."""
     blocked = uuid7()
     blocker = await asyncpg.connect(raw_dsn)
     transaction = blocker.transaction()
@@ -199,6 +204,15 @@ async def test_a_caller_cancelled_while_queued_stores_nothing(store: EventStore,
             KEYRING.new_data_key(blocked)[1],
             KEYRING.current_id,
         )
+        yield blocked
+    finally:
+        await transaction.commit()
+        await blocker.close()
+
+
+async def test_a_caller_cancelled_while_queued_stores_nothing(store: EventStore, raw_dsn: str) -> None:
+    assert store.group is not None
+    async with uncommitted_stream(raw_dsn) as blocked:
         # An append to a stream whose first event is not committed yet waits on its unique index:
         # it holds the one running batch, and the next commands queue behind it.
         first = asyncio.ensure_future(store.append("alice", blocked, [message("after the blocker 1")]))
@@ -212,9 +226,6 @@ async def test_a_caller_cancelled_while_queued_stores_nothing(store: EventStore,
         queued.cancel()
         await asyncio.sleep(0)
         assert [w.prepared.stream_id for w in store.group.queue] == [blocked]  # only the cancelled one left
-    finally:
-        await transaction.commit()
-        await blocker.close()
     assert sorted([(await first).version, (await second).version]) == [2, 3]
     with pytest.raises(asyncio.CancelledError):
         await queued
@@ -231,23 +242,7 @@ async def test_a_second_batch_starts_beside_a_running_one_only_when_enough_wait(
     """A batch's fixed cost (a round trip, a commit, a flush) is worth a second slot only when
     it is shared: fewer waiting commands wait for the running batch and go with the next one."""
     assert store.group is not None
-    blocked = uuid7()
-    blocker = await asyncpg.connect(raw_dsn)
-    transaction = blocker.transaction()
-    await transaction.start()
-    try:
-        await blocker.execute(
-            "INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, metadata) "
-            "VALUES ($1, $2, 1, 'alice', 'conversation.started', '{\"title\": \"\", \"metadata\": {}}', '{}')",
-            uuid7(),
-            blocked,
-        )
-        await blocker.execute(
-            "INSERT INTO data_keys (stream_id, user_id, wrapped, master_id) VALUES ($1, 'alice', $2, $3)",
-            blocked,
-            KEYRING.new_data_key(blocked)[1],
-            KEYRING.current_id,
-        )
+    async with uncommitted_stream(raw_dsn) as blocked:
         first = asyncio.ensure_future(store.append("alice", blocked, [message("held")]))
         await asyncio.sleep(0.2)
         assert store.group.in_flight == 1
@@ -262,9 +257,6 @@ async def test_a_second_batch_starts_beside_a_running_one_only_when_enough_wait(
         others.append(start())  # the one that makes `beside`: all of them go, beside the held batch
         assert [(await o).version for o in others] == [1] * beside
         assert store.group.batches == batches + 1 and not first.done()  # as one batch, while it waits
-    finally:
-        await transaction.commit()
-        await blocker.close()
     assert (await first).version == 2
 
 

@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from service.api.lean import lean_append
 from service.app import create_app
-from service.settings import Settings
-from tests.keys import MASTER_KEY
 from tests.support import SECRET, token
 from tests.test_api_bad_input import DEEP, MESSAGE_BODIES
+from tests.test_operations import settings_for
 
 VARYING = re.compile(
     r'"(id|conversation_id|parent_id|created_at|position)":("[^"]*"|\d+)'  # ids, times and positions
@@ -61,16 +61,7 @@ class Pair:
 
 @pytest.fixture
 async def pair(db_url: str, tmp_path: Path) -> AsyncIterator[Pair]:
-    settings = Settings(
-        database_url=db_url,
-        data_dir=tmp_path,
-        master_key=MASTER_KEY,
-        jwt_secret=SECRET,
-        projection_poll_interval=0.05,
-        db_pool_size=4,
-        run_workers=True,
-    )
-    app = create_app(settings)
+    app = create_app(msgspec.structs.replace(settings_for(db_url, tmp_path), jwt_secret=SECRET))
     async with AsyncTestClient(app=app) as client:
         yield Pair(app, client)
 
