@@ -32,7 +32,6 @@ class Projection(Protocol):
 
     name: str
     tables: tuple[str, ...]
-    foreign_keys: tuple[tuple[str, str, str, str], ...]  # (table, column, parent, on delete)
 
     async def apply(
         self, conn: asyncpg.Connection, events: Sequence[RecordedEvent], names: Mapping[str, str]

@@ -45,6 +45,8 @@ from service.eventstore import RecordedEvent
 from service.settings import Settings
 
 PREVIEW_CHARS: Final = 200
+# How many conversations' last placed message a projection remembers (see `_placed`).
+REMEMBERED_PLACES: Final = 20_000
 
 _encode = msgspec.json.Encoder().encode
 
@@ -78,10 +80,11 @@ class ConversationsProjection:
 
     name = "conversations"
     tables: tuple[str, ...] = ("conversations", "messages")
-    foreign_keys: tuple[tuple[str, str, str, str], ...] = (("messages", "conversation_id", "conversations", "CASCADE"),)
 
     def __init__(self, *, search_config: str) -> None:
         self.search_config = search_config
+        # conversation -> (its last message placed by this process, that message's run and depth)
+        self._last_placed: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID, int]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConversationsProjection:
@@ -95,6 +98,8 @@ class ConversationsProjection:
         )
         state: dict[uuid.UUID, Conversation | None] = {r[0]: Conversation(*r) for r in rows}
         stored = set(state)
+        live = messages == "messages"  # not a replay's shadow tables
+        last_placed = self._remembered(state) if live else {}
         deleted_before = await self._deleted_before(conn, events, state)
         dirty: set[uuid.UUID] = set()
         new_messages: list[tuple[Any, ...]] = []
@@ -120,13 +125,34 @@ class ConversationsProjection:
         if gone:
             await conn.execute(f"DELETE FROM {messages} WHERE conversation_id = ANY($1::uuid[])", gone)
             await conn.execute(f"DELETE FROM {conversations} WHERE id = ANY($1::uuid[])", gone)
-        live = [c for sid in dirty if (c := state[sid]) is not None]
-        if live:
-            await conn.execute(_upsert(conversations, await is_distributed(conn)), *_columns(live))
-        placed = await _placed(conn, messages, new_messages)
+        changed = [c for sid in dirty if (c := state[sid]) is not None]
+        if changed:
+            await conn.execute(_upsert(conversations, await is_distributed(conn)), *_columns(changed))
+        placed = await _placed(conn, messages, new_messages, last_placed)
         kept = [m for m in placed if state[m[1]] is not None]
         if kept:
             await conn.execute(_insert_messages(messages), *map(list, zip(*kept, strict=True)), self.search_config)
+        if live:
+            self._remember(kept, gone)
+
+    def _remembered(self, stored: Mapping[uuid.UUID, Conversation | None]) -> dict[uuid.UUID, list[Any]]:
+        """The remembered places of the stored conversations' last messages, where the row agrees
+        (another process may have folded the conversation since), as `_placed` takes them."""
+        known: dict[uuid.UUID, list[Any]] = {}
+        for sid, conv in stored.items():
+            entry = self._last_placed.get(sid)
+            if entry is not None and conv is not None and conv.last_message_id == entry[0]:
+                known[entry[0]] = [entry[1], entry[2], False]
+        return known
+
+    def _remember(self, placed: Sequence[tuple[Any, ...]], gone: Sequence[uuid.UUID]) -> None:
+        for m in placed:  # in order: each conversation's last one stays
+            self._last_placed.pop(m[1], None)
+            self._last_placed[m[1]] = (m[0], m[-1], m[-2])
+        for sid in gone:
+            self._last_placed.pop(sid, None)
+        while len(self._last_placed) > REMEMBERED_PLACES:  # the least recently placed go first
+            del self._last_placed[next(iter(self._last_placed))]
 
     async def erase(self, conn: asyncpg.Connection, names: Mapping[str, str]) -> None:
         await erase_rows(conn, names, None)
@@ -177,17 +203,24 @@ async def erase_rows(
         await conn.execute(f"DELETE FROM {conversations} WHERE user_id = $2 AND id = ANY($1::uuid[])", ids, user_id)
 
 
-async def _placed(conn: asyncpg.Connection, table: str, new: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+async def _placed(
+    conn: asyncpg.Connection, table: str, new: list[tuple[Any, ...]], last_placed: Mapping[uuid.UUID, list[Any]]
+) -> list[tuple[Any, ...]]:
     """The new message rows with their place in the conversation's tree: `depth` (1 for a first
     message) and `run`, the first message of the chain it continues. A message continues its
     parent's run when it is the parent's first child, and starts a run of its own otherwise, so
     that a branch (the path from a first message to a leaf) is a few runs, each a range of depths
-    on one index (`messages_run_depth`), however deep the tree."""
+    on one index (`messages_run_depth`), however deep the tree.
+
+    A parent is looked up in `table` unless it is in `last_placed` (id -> [run, depth, False]):
+    stored conversations' last messages, as this process placed them. A conversation's last
+    message has no child yet, and a row's run and depth never change, so most messages (those
+    that follow the last one) need no lookup."""
     if not new:
         return new
     ids = {m[0] for m in new}
-    parents = list({m[9] for m in new if m[9] is not None and m[9] not in ids})
-    known: dict[uuid.UUID, list[Any]] = {}  # id -> [run, depth, has a child]
+    known = {k: list(v) for k, v in last_placed.items()}  # id -> [run, depth, has a child]
+    parents = list({m[9] for m in new if m[9] is not None and m[9] not in ids and m[9] not in known})
     if parents:
         rows = await conn.fetch(
             # A first child always continues its parent's run: "has a child" is a probe of the
@@ -198,7 +231,7 @@ async def _placed(conn: asyncpg.Connection, table: str, new: list[tuple[Any, ...
             f"FROM {table} AS p WHERE p.id = ANY($1::uuid[])",
             parents,
         )
-        known = {r[0]: [r[1], r[2], r[3]] for r in rows}
+        known.update((r[0], [r[1], r[2], r[3]]) for r in rows)
     placed = []
     for m in new:
         message_id, parent_id = m[0], m[9]

@@ -142,9 +142,7 @@ ORDER BY c.relname
 
 async def _complete(connections: Sequence[asyncpg.Connection], projection: Projection, shadow: Shadow) -> None:
     """Give the folded shadow tables what the live ones have, before the worker is paused: the
-    readers' indexes (built side by side on the connections), the foreign keys (checked once,
-    in one join, instead of a lookup per inserted row; the fold deletes children itself, needing
-    no cascade) and the planner's statistics."""
+    readers' indexes (built side by side on the connections) and the planner's statistics."""
     pending = iter(shadow.deferred_indexes)
 
     async def build(conn: asyncpg.Connection) -> None:
@@ -154,12 +152,6 @@ async def _complete(connections: Sequence[asyncpg.Connection], projection: Proje
     for outcome in await asyncio.gather(*(build(conn) for conn in connections), return_exceptions=True):
         if isinstance(outcome, BaseException):
             raise outcome  # once no build is running on any connection
-    owner = "user_id, " if await is_distributed(connections[0]) else ""  # Citus: keys include user_id
-    for child, column, parent, on_delete in projection.foreign_keys:
-        await connections[0].execute(
-            f"ALTER TABLE {shadow.names[child]} ADD FOREIGN KEY ({owner}{column}) "
-            f"REFERENCES {shadow.names[parent]} ({owner}id) ON DELETE {on_delete}"
-        )
     # Statistics too: swapped in without them, the tables would be planned on default estimates
     # (a search for a common word scanning the text index across all users) until autovacuum
     # got round to them.
@@ -419,14 +411,6 @@ async def _indexes(conn: asyncpg.Connection, table: str) -> dict[str, str]:
     return {name: _INDEX_HEAD.sub("INDEX ON T", definition) for name, definition in rows}
 
 
-async def _foreign_keys(conn: asyncpg.Connection, table: str) -> dict[str, str]:
-    rows = await conn.fetch(
-        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'f'",
-        table,
-    )
-    return dict(rows)
-
-
 async def _swap(conn: asyncpg.Connection, projection: Projection, names: dict[str, str]) -> None:
     """Put the shadow tables in the live ones' place, under the live names, in the caller's transaction."""
     tables = projection.tables
@@ -435,9 +419,7 @@ async def _swap(conn: asyncpg.Connection, projection: Projection, names: dict[st
     # with the live tables locked, every erasure that touched them has committed (or waits), so
     # the ledger read now names them all.
     await projection.erase(conn, names)
-    distributed = await is_distributed(conn)
     live_indexes = {t: await _indexes(conn, t) for t in tables}
-    live_fks = {t: await _foreign_keys(conn, t) for t in tables}
     for table in reversed(tables):
         await conn.execute(f"DROP TABLE {table} CASCADE")
     for table in tables:
@@ -448,13 +430,6 @@ async def _swap(conn: asyncpg.Connection, projection: Projection, names: dict[st
             target = by_definition.get(definition)
             if target is not None and target != name:
                 await conn.execute(f'ALTER INDEX "{name}" RENAME TO "{target}"')
-        if distributed:
-            continue  # Citus cannot rename a distributed table's constraints; nothing looks a foreign key up by name
-        fk_by_definition = {d: n for n, d in live_fks[table].items()}
-        for name, definition in (await _foreign_keys(conn, table)).items():
-            target = fk_by_definition.get(definition)
-            if target is not None and target != name:
-                await conn.execute(f'ALTER TABLE {table} RENAME CONSTRAINT "{name}" TO "{target}"')
 
 
 async def verify(

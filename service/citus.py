@@ -2,8 +2,8 @@
 
 `chatlog migrate` on a database with the `citus` extension distributes the log and every
 per-user table by `user_id`, colocated, once the schema is at head (`distribute`); on plain
-PostgreSQL nothing changes. Unique keys and foreign keys gain `user_id` (Citus needs the
-distribution column in both) and keep their names, so that `ON CONFLICT ON CONSTRAINT` and the
+PostgreSQL nothing changes. Unique keys gain `user_id` (Citus needs the
+distribution column in them) and keep their names, so that `ON CONFLICT ON CONSTRAINT` and the
 store's reading of a unique violation work on both. A stream id stays unique across users
 through `stream_owners`, distributed by the stream id: a new stream is claimed there, in a
 transaction of its own, before its first events go in.
@@ -101,7 +101,6 @@ async def insert_values(
 # Keys that include the distribution column, under their single-server names.
 _RESHAPE: Final = """
 SET LOCAL citus.enable_unsafe_triggers = on;
-ALTER TABLE messages DROP CONSTRAINT messages_conversation_id_fkey;
 ALTER TABLE conversations DROP CONSTRAINT conversations_pkey,
     ADD CONSTRAINT conversations_pkey PRIMARY KEY (user_id, id);
 ALTER TABLE messages DROP CONSTRAINT messages_pkey, ADD CONSTRAINT messages_pkey PRIMARY KEY (user_id, id);
@@ -109,8 +108,6 @@ DROP INDEX messages_conversation_seq;
 CREATE UNIQUE INDEX messages_conversation_seq ON messages (user_id, conversation_id, seq);
 DROP INDEX messages_run_depth;
 CREATE UNIQUE INDEX messages_run_depth ON messages (user_id, run, depth);
-ALTER TABLE messages ADD CONSTRAINT messages_conversation_id_fkey FOREIGN KEY (user_id, conversation_id)
-    REFERENCES conversations (user_id, id) ON DELETE CASCADE;
 ALTER TABLE events DROP CONSTRAINT events_pkey, ADD CONSTRAINT events_pkey PRIMARY KEY (user_id, position);
 ALTER TABLE events DROP CONSTRAINT events_event_id_key, ADD CONSTRAINT events_event_id_key UNIQUE (user_id, event_id);
 ALTER TABLE events DROP CONSTRAINT events_stream_version_key,
@@ -136,7 +133,6 @@ FROM (SELECT DISTINCT user_id FROM events) AS e,
       WHERE name = 'conversations' OR name LIKE 'conversations#%' ORDER BY tx_id, position LIMIT 1) AS c;
 """
 
-# Parents first: a colocated table's foreign key needs its parent distributed.
 PER_USER_TABLES: Final = (
     "events",
     "data_keys",
