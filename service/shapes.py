@@ -18,8 +18,14 @@ Version = Annotated[int, msgspec.Meta(ge=0, le=2_147_483_647)]
 Timestamp = Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})]
 
 
+_encode_json = msgspec.json.Encoder().encode
+
+
 def timestamp(moment: datetime) -> str:
-    # isoformat is a third cheaper than strftime, and this runs for every item of every answer.
+    # This runs for every item of every answer: msgspec's own rendering (a twentieth of
+    # isoformat's cost) where it agrees, isoformat where msgspec would drop a zero fraction.
+    if moment.microsecond and moment.tzinfo is UTC:
+        return _encode_json(moment)[1:-1].decode()
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
