@@ -16,6 +16,9 @@ PostgreSQL in a temporary directory; works in a fresh database `chatlog_bench_ht
    same load under the same server; each ratio compares the two under one server. The chatlog
    server is started afresh for each measurement (so that the measured process is the one
    running the projection worker) and warmed up for a second first, as is the naive one.
+   Each round then appends at concurrency 1 with group commit on and off (in alternating
+   order), each after the projection caught up and a VACUUM ANALYZE and CHECKPOINT, so that
+   neither shares the machine with the clean-up after the load before it.
 2. History: N messages (default 1,000,000, in conversations of 100) are written to the log,
    the projection catches up, then wrk at concurrency 1 reads 50-message pages
    (GET /v1/conversations/{id}/messages?limit=50) of `chatlog serve` (its default server) and
@@ -282,6 +285,17 @@ class LagProbe(threading.Thread):
         return statistics.quantiles(self.samples, n=100)[98] if len(self.samples) > 1 else float("nan")
 
 
+async def settle(dsn: str) -> None:
+    """Do now what autovacuum and the checkpointer would do after a load, so that it is not done
+    during the next measurement."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("VACUUM (ANALYZE) events, conversations, messages")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
 async def wait_caught_up(base: str) -> float:
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=10) as client:
@@ -401,6 +415,10 @@ async def main() -> None:
                 for name, grouped in pair if round_ % 2 == 0 else pair[::-1]:  # alternating: drift hits both
                     chatlog = serve(SERVED, CHATLOG_GROUP_COMMIT=grouped)
                     wrk(base, ours, connections=1, threads=1, seconds=1)
+                    # Each from the same quiet state: the first after the load above would otherwise
+                    # share the machine with autovacuum and the checkpointer cleaning up after it.
+                    await wait_caught_up(base)
+                    await settle(libpq(db_url))
                     single = wrk(base, ours, connections=1, threads=1, seconds=args.seconds)
                     singles.setdefault(name, []).append(single)
                     stop(chatlog)
@@ -464,10 +482,7 @@ async def main() -> None:
             # vacuum and the checkpoint that autovacuum and the checkpointer would do have run.
             for when in ("right after catching up", "steady state (after VACUUM ANALYZE, CHECKPOINT)"):
                 if when.startswith("steady"):
-                    conn = await asyncpg.connect(libpq(db_url))
-                    await conn.execute("VACUUM (ANALYZE) events, conversations, messages")
-                    await conn.execute("CHECKPOINT")
-                    await conn.close()
+                    await settle(libpq(db_url))
                 rounds = [
                     wrk(base, pages, connections=1, threads=1, seconds=args.seconds) for _ in range(max(args.rounds, 2))
                 ]
