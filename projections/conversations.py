@@ -135,14 +135,14 @@ class ConversationsProjection:
         if live:
             self._remember(kept, gone)
 
-    def _remembered(self, stored: Mapping[uuid.UUID, Conversation | None]) -> dict[uuid.UUID, list[Any]]:
-        """The remembered places of the stored conversations' last messages, where the row agrees
-        (another process may have folded the conversation since), as `_placed` takes them."""
-        known: dict[uuid.UUID, list[Any]] = {}
+    def _remembered(self, stored: Mapping[uuid.UUID, Conversation | None]) -> dict[uuid.UUID, tuple[uuid.UUID, int]]:
+        """The remembered places (message id -> run, depth) of the stored conversations' last
+        messages, where the row agrees (another process may have folded the conversation since)."""
+        known: dict[uuid.UUID, tuple[uuid.UUID, int]] = {}
         for sid, conv in stored.items():
             entry = self._last_placed.get(sid)
             if entry is not None and conv is not None and conv.last_message_id == entry[0]:
-                known[entry[0]] = [entry[1], entry[2], False]
+                known[entry[0]] = (entry[1], entry[2])
         return known
 
     def _remember(self, placed: Sequence[tuple[Any, ...]], gone: Sequence[uuid.UUID]) -> None:
@@ -204,7 +204,10 @@ async def erase_rows(
 
 
 async def _placed(
-    conn: asyncpg.Connection, table: str, new: list[tuple[Any, ...]], last_placed: Mapping[uuid.UUID, list[Any]]
+    conn: asyncpg.Connection,
+    table: str,
+    new: list[tuple[Any, ...]],
+    last_placed: Mapping[uuid.UUID, tuple[uuid.UUID, int]],
 ) -> list[tuple[Any, ...]]:
     """The new message rows with their place in the conversation's tree: `depth` (1 for a first
     message) and `run`, the first message of the chain it continues. A message continues its
@@ -212,14 +215,16 @@ async def _placed(
     that a branch (the path from a first message to a leaf) is a few runs, each a range of depths
     on one index (`messages_run_depth`), however deep the tree.
 
-    A parent is looked up in `table` unless it is in `last_placed` (id -> [run, depth, False]):
+    A parent is looked up in `table` unless it is in `last_placed` (id -> run, depth):
     stored conversations' last messages, as this process placed them. A conversation's last
     message has no child yet, and a row's run and depth never change, so most messages (those
     that follow the last one) need no lookup."""
     if not new:
         return new
     ids = {m[0] for m in new}
-    known = {k: list(v) for k, v in last_placed.items()}  # id -> [run, depth, has a child]
+    known: dict[uuid.UUID, list[Any]] = {  # id -> [run, depth, has a child]
+        message_id: [run, depth, False] for message_id, (run, depth) in last_placed.items()
+    }
     parents = list({m[9] for m in new if m[9] is not None and m[9] not in ids and m[9] not in known})
     if parents:
         rows = await conn.fetch(
