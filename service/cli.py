@@ -141,9 +141,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     answered more requests/s than granian, see benchmarks/http.py)."""
     import uvicorn
 
+    from service.corked import CorkedHttpToolsProtocol
+
     settings = serve_settings(settings, args)
     uvicorn.run(
         serving_app(settings),
+        http=CorkedHttpToolsProtocol,  # an answer's headers and body in one write (service/corked.py)
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
