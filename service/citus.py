@@ -2,11 +2,11 @@
 
 `chatlog migrate` on a database with the `citus` extension distributes the log and every
 per-user table by `user_id`, colocated, once the schema is at head (`distribute`); on plain
-PostgreSQL nothing changes. Unique keys gain `user_id` (Citus needs the
-distribution column in them) and keep their names, so that `ON CONFLICT ON CONSTRAINT` and the
-store's reading of a unique violation work on both. A stream id stays unique across users
-through `stream_owners`, distributed by the stream id: a new stream is claimed there, in a
-transaction of its own, before its first events go in.
+PostgreSQL nothing changes. Unique keys gain `user_id` (Citus needs the distribution column in
+them) and keep their names, so that `ON CONFLICT ON CONSTRAINT` and the store's reading of a
+unique violation work on both. A stream id stays unique across users through `stream_owners`,
+distributed by the stream id: a new stream is claimed there, in a transaction of its own, before
+its first events go in.
 
 The traps of `../shared/citus/README.md`, and what answers each:
 - the snapshot must be the coordinator's: the gap-safe reads take `chatlog_horizon()` in a
