@@ -20,7 +20,7 @@ from projections.worker import HorizonHolder, ProjectionStatus, horizon_holder, 
 from service import mcp, page
 from service.api.chat import ROUTES as CHAT_ROUTES
 from service.api.chat import document_stream
-from service.api.lean import lean_append
+from service.api.lean import lean_paths
 from service.api.middleware import RequestMetrics, request_context
 from service.api.routes import DEPENDENCIES, ROUTES
 from service.api.search import ROUTES as SEARCH_ROUTES
@@ -221,7 +221,7 @@ def create_app(settings: Settings) -> Litestar:
     # a 404 for an unknown path or a 405 too, and a route is not wrapped in a second exception
     # handler layer (Litestar adds one under any route middleware).
     # The append's lean path goes in front of the router, inside the request context.
-    app.asgi_handler = request_context(request_metrics)(lean_append(app)(app.asgi_handler))
+    app.asgi_handler = request_context(request_metrics)(lean_paths(app)(app.asgi_handler))
     return app
 
 

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import uuid
 from typing import Any
 
 import msgspec
@@ -46,6 +47,11 @@ class Cursors:
         if decoded.scope != scope or decoded.user != _user_digest(user):
             raise BadRequest("the cursor belongs to another list", field="cursor")
         return decoded.after
+
+
+def messages_scope(conversation_id: uuid.UUID, order: str, *, tree: bool = False) -> str:
+    """The list that a cursor over a conversation's messages belongs to (HTTP and MCP alike)."""
+    return f"messages:{conversation_id}:{order}:{'tree' if tree else 'branch'}"
 
 
 def _user_digest(user: str) -> str:

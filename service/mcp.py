@@ -45,7 +45,7 @@ from service import commands, queries, shapes
 from service import search as searching
 from service.auth import TokenError, TokenVerifier
 from service.connections import ConnectionPool
-from service.cursors import Cursors
+from service.cursors import Cursors, messages_scope
 from service.errors import Unauthorized
 from service.eventstore import EventStore
 from service.ids import parse_uuid
@@ -237,7 +237,7 @@ def build_server(tools: Tools) -> MCPServer:
         async def call(user: str) -> dict[str, Any]:
             cid = parse_uuid(conversation_id)
             await readable(user, min_position)
-            scope = f"messages:{cid}:{order}:branch"
+            scope = messages_scope(cid, order)
             after = tools.cursors.decode(cursor, scope, user) if cursor is not None else None
 
             async def fetch(count: int) -> tuple[list[shapes.Message], list[Any] | None]:

@@ -290,30 +290,104 @@ async def list_branch(
     messages arrive or the active branch moves. One statement: the conversation (no row: 404),
     the leaf, the runs of the branch that the page touches (walked up from the leaf: one step per
     fork on the way, not per message) and the page, from `messages_run_depth`."""
-    depth: int | None = None
-    if after is not None:
-        if len(after) != 2 or type(after[0]) is not str or type(after[1]) is not int:
-            raise BadRequest("the cursor is not valid", field="cursor")
-        try:
-            pinned = uuid.UUID(after[0])
-        except ValueError:
-            raise BadRequest("the cursor is not valid", field="cursor") from None
-        if leaf_id is not None and leaf_id != pinned:
-            raise BadRequest("the cursor belongs to another branch", field="cursor")
-        leaf_id, depth = pinned, after[1]
+    leaf_id, depth = _branch_keyset(leaf_id, after)
     rows = await conn.fetch(
         _BRANCH_DESC if descending else _BRANCH_ASC, conversation_id, user_id, leaf_id, depth, limit + 1
     )
+    return _branch_page(rows, conversation_id, limit, leaf_id, after)
+
+
+async def list_branch_if_readable(
+    conn: asyncpg.Connection,
+    user_id: str,
+    conversation_id: uuid.UUID,
+    limit: int,
+    descending: bool,
+    leaf_id: uuid.UUID | None,
+    after: list[Any] | None,
+    min_position: int | None,
+) -> tuple[list[shapes.Message], list[Any] | None] | None:
+    """`list_branch`'s answer with `_READABLE`'s check in the same statement: one round trip
+    instead of two for the history page, the read a chat app makes most. None when the read
+    tables do not hold the caller's newest event (or `min_position`) yet: the caller then waits
+    (`wait_until_readable`) and reads again. One statement reads one snapshot, and the projection
+    moves its checkpoint in the transaction that writes the rows: where the checkpoint read has
+    passed the caller's event, the rows read beside it hold it. For this database's own read
+    tables only (no replica, one projection slice, not on Citus)."""
+    leaf_id, depth = _branch_keyset(leaf_id, after)
+    rows = await conn.fetch(
+        _BRANCH_READABLE_DESC if descending else _BRANCH_READABLE_ASC,
+        conversation_id, user_id, leaf_id, depth, limit + 1, min_position,
+    )  # fmt: skip
+    if rows[0][0] is None or not _includes(rows[0], min_position):  # no checkpoint yet, or behind
+        return None
+    return _branch_page([r[5:] for r in rows if r[5] is not None], conversation_id, limit, leaf_id, after)
+
+
+async def read_branch(
+    pool: Any,
+    replica: Any,
+    user_id: str,
+    conversation_id: uuid.UUID,
+    limit: int,
+    descending: bool,
+    leaf_id: uuid.UUID | None,
+    after: list[Any] | None,
+    *,
+    min_position: int | None,
+    wait_seconds: float,
+    slices: int = 1,
+) -> tuple[list[shapes.Message], list[Any] | None]:
+    """`list_branch` once the read tables hold the caller's own writes (and `min_position`), as
+    every read does (`wait_until_readable`): where they are `pool`'s own (no `replica`, one slice,
+    not Citus) first in one round trip (`list_branch_if_readable`), else, or while they are
+    behind, after the wait."""
+    if replica is None and slices == 1:
+        async with pool.acquire() as conn:
+            if not await is_distributed(conn):
+                found = await list_branch_if_readable(
+                    conn, user_id, conversation_id, limit, descending, leaf_id, after, min_position
+                )
+                if found is not None:
+                    return found
+    await wait_until_readable(pool, user_id, min_position, wait_seconds, replica, slices)
+    async with (replica or pool).acquire() as conn:
+        return await list_branch(conn, user_id, conversation_id, limit, descending, leaf_id, after)
+
+
+def _branch_keyset(leaf_id: uuid.UUID | None, after: list[Any] | None) -> tuple[uuid.UUID | None, int | None]:
+    """The leaf and the depth a branch's page starts after (a cursor's), checked against `leaf_id`."""
+    if after is None:
+        return leaf_id, None
+    if len(after) != 2 or type(after[0]) is not str or type(after[1]) is not int:
+        raise BadRequest("the cursor is not valid", field="cursor")
+    try:
+        pinned = uuid.UUID(after[0])
+    except ValueError:
+        raise BadRequest("the cursor is not valid", field="cursor") from None
+    if leaf_id is not None and leaf_id != pinned:
+        raise BadRequest("the cursor belongs to another branch", field="cursor")
+    return pinned, after[1]
+
+
+def _branch_page(
+    rows: Sequence[Sequence[Any]],
+    conversation_id: uuid.UUID,
+    limit: int,
+    leaf_id: uuid.UUID | None,
+    after: list[Any] | None,
+) -> tuple[list[shapes.Message], list[Any] | None]:
+    """The page from `_BRANCH`'s rows (the conversation's id first: none, no such conversation)."""
     if not rows:
         raise NotFound(str(conversation_id))
-    if rows[0][0] is None:  # the conversation has no such leaf (or no message at all)
+    if rows[0][1] is None:  # the conversation has no such leaf (or no message at all)
         if leaf_id is not None and after is None:
             raise BadRequest("leaf_id is not a message of this conversation", field="leaf_id")
         return [], None
-    leaf = rows[0][0]
-    rows = [r for r in rows if r[1] is not None]
-    page = [message_from_row(tuple(r)[1:]) for r in rows[:limit]]
-    return page, ([str(leaf), rows[limit - 1][1 + 9]] if len(rows) > limit else None)
+    leaf = rows[0][1]
+    rows = [r for r in rows if r[2] is not None]
+    page = [message_from_row(tuple(r)[2:]) for r in rows[:limit]]
+    return page, ([str(leaf), rows[limit - 1][2 + 9]] if len(rows) > limit else None)
 
 
 # The branch's page: depths [a, b] of the path from a first message to the leaf. `seg` walks up
@@ -335,7 +409,7 @@ WITH RECURSIVE conv AS (
     JOIN messages AS p ON p.user_id = $2 AND p.id = seg.up
     JOIN messages AS r ON r.user_id = $2 AND r.id = p.run
 )
-SELECT tip.id, page.* FROM conv
+SELECT conv.id, tip.id, page.* FROM conv
 LEFT JOIN tip ON true
 LEFT JOIN LATERAL (
     SELECT x.* FROM seg CROSS JOIN bounds
@@ -353,6 +427,25 @@ _BRANCH_ASC: Final = _BRANCH.format(
 _BRANCH_DESC: Final = _BRANCH.format(
     a="coalesce($4::integer, tip.depth + 1) - $5::integer", b="coalesce($4::integer, tip.depth + 1) - 1", order="DESC"
 )
+
+# `_BRANCH` after `_READABLE`'s five columns, in one statement ($6: min_position): the conversation
+# is then joined to the one row of the checkpoint, so that its absence still reads as a row.
+_READABLE_FIRST: Final = f"""
+WITH RECURSIVE readable AS (
+    SELECT c.tx_id, c.position, own.tx_id AS own_tx_id, own.position AS own_position, asked.tx_id AS asked_tx_id
+    FROM (VALUES (1)) AS one
+    LEFT JOIN projection_checkpoints AS c ON c.name = 'conversations'
+    {_TARGETS.replace("$2", "$6").replace("$1", "$2")}
+), """
+_BRANCH_READABLE_ASC, _BRANCH_READABLE_DESC = (
+    q.replace("WITH RECURSIVE ", _READABLE_FIRST, 1).replace(
+        "SELECT conv.id, tip.id, page.* FROM conv\n",
+        "SELECT readable.*, conv.id, tip.id, page.* FROM readable\nLEFT JOIN conv ON true\n",
+        1,
+    )
+    for q in (_BRANCH_ASC, _BRANCH_DESC)
+)
+assert all("FROM readable" in q and "$6" in q for q in (_BRANCH_READABLE_ASC, _BRANCH_READABLE_DESC))
 
 
 def _int_keyset(after: list[Any]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -15,7 +16,7 @@ from litestar.response import Response as LitestarResponse
 
 from service import commands, history, queries, shapes
 from service.auth import TokenError, TokenVerifier
-from service.cursors import Cursors
+from service.cursors import Cursors, messages_scope
 from service.errors import BadRequest, Unauthorized
 from service.events import EventValidationError
 from service.eventstore import Checkpoint, validate_idempotency_key
@@ -131,6 +132,24 @@ async def wait(state: State, user: str, min_position: int | None) -> None:
         state.replica,
         state.settings.projection_slices,
     )
+
+
+async def branch_page(
+    state: State,
+    user: str,
+    cid: uuid.UUID,
+    limit: int,
+    descending: bool,
+    leaf: uuid.UUID | None,
+    after: list[Any] | None,
+    min_position: int | None,
+) -> tuple[list[shapes.Message], list[Any] | None]:
+    """A page of a branch (`queries.list_branch`), once readable as `wait` says."""
+    return await queries.read_branch(
+        state.pool, state.replica, user, cid, limit, descending, leaf, after,
+        min_position=min_position, wait_seconds=state.settings.read_wait_seconds,
+        slices=state.settings.projection_slices,
+    )  # fmt: skip
 
 
 def answered(body: Any, status: int, replayed: bool) -> LitestarResponse[Any]:
@@ -324,15 +343,18 @@ async def list_messages(
     """The active branch in path order (default), the branch that ends at `leaf_id`, or with
     `tree=true` every message of every branch in `seq` order; with `as_of`, as they were at
     that position (folded from the log)."""
-    await wait(state, user, min_position)
     cid = parse_uuid(conversation_id)
     if tree and leaf_id is not None:
         raise BadRequest("give leaf_id or tree=true, not both", field="leaf_id")
     leaf = parse_uuid(leaf_id, "leaf_id") if leaf_id is not None else None
-    scope = f"messages:{cid}:{order}:{'tree' if tree else 'branch'}"
+    scope = messages_scope(cid, order, tree=tree)
     if as_of is not None:  # its keyset is a place in one list: bound to the position and the leaf
         scope += f":as_of:{as_of}:{leaf or ''}"
     after = state.cursors.decode(cursor, scope, user) if cursor is not None else None
+    if not tree and as_of is None:  # the history page: the own-writes wait rides in its statement
+        page, next_after = await branch_page(state, user, cid, limit, order == "desc", leaf, after, min_position)
+        return page_of(state.cursors, scope, user, page, next_after)
+    await wait(state, user, min_position)
     if as_of is not None:
         page, next_after = await history.messages_as_of(
             state.reads, state.store.keyring, user, cid, as_of,
@@ -340,10 +362,7 @@ async def list_messages(
         )  # fmt: skip
         return page_of(state.cursors, scope, user, page, next_after)
     async with state.reads.acquire() as conn:
-        if tree:
-            page, next_after = await queries.list_messages(conn, user, cid, limit, order == "desc", after)
-        else:
-            page, next_after = await queries.list_branch(conn, user, cid, limit, order == "desc", leaf, after)
+        page, next_after = await queries.list_messages(conn, user, cid, limit, order == "desc", after)
     return page_of(state.cursors, scope, user, page, next_after)
 
 

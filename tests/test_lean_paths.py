@@ -19,14 +19,14 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from service.api.lean import lean_append
+from service.api.lean import lean_paths
 from service.app import create_app
 from tests.support import SECRET, token
 from tests.test_api_bad_input import DEEP, MESSAGE_BODIES
 from tests.test_operations import settings_for
 
 VARYING = re.compile(
-    r'"(id|conversation_id|parent_id|created_at|position)":("[^"]*"|\d+)'  # ids, times and positions
+    r'"(id|conversation_id|parent_id|created_at|position|next_cursor)":("[^"]*"|\d+)'  # ids, times, positions, cursors
 )
 OTHER = "00000000-0000-7000-8000-000000000001"
 
@@ -52,7 +52,7 @@ class Pair:
         if user is not None:
             headers["authorization"] = f"Bearer {token(user)}"
         # the lean path (in front of the route, counting what it hands on), or the route alone
-        self.app.asgi_handler = lean_append(self.app)(self.counted) if lean else self.route
+        self.app.asgi_handler = lean_paths(self.app)(self.counted) if lean else self.route
         try:
             return await self.client.request(method, url, headers=headers, **kw)
         finally:
@@ -174,3 +174,97 @@ async def test_the_lean_path_answers_every_append_as_the_route_does(pair: Pair) 
     route = 'method="POST",route="/v1/conversations/{conversation_id}/messages"'
     assert f'{route},status="201"' in metrics and f'{route},status="422"' in metrics  # one series, either path
     assert ":str}" not in metrics
+
+
+async def test_the_lean_path_answers_every_history_page_as_the_route_does(pair: Pair) -> None:
+    sides = {True: "lean-reader", False: "route-reader"}
+    conversations: dict[bool, str] = {}
+    for lean, user in sides.items():
+        auth = {"authorization": f"Bearer {token(user)}"}
+        cid = (await pair.client.post("/v1/conversations", json={"title": "t"}, headers=auth)).json()["id"]
+        conversations[lean] = cid
+        first = None
+        for n in range(5):
+            r = await pair.client.post(
+                f"/v1/conversations/{cid}/messages", json={"role": "user", "content": f"m{n} <b>&"}, headers=auth
+            )
+            first = first or r.json()["id"]
+        # an edit of the second message: the active branch is then m0, the edit
+        r = await pair.client.post(
+            f"/v1/conversations/{cid}/messages", json={"role": "user", "content": "edit", "parent_id": first},
+            headers=auth,
+        )  # fmt: skip
+        assert r.status_code == 201
+    foreign = (
+        await pair.client.post("/v1/conversations", json={}, headers={"authorization": f"Bearer {token('owner')}"})
+    ).json()["id"]
+    # each side's own cursor to page two (it names its user and its leaf)
+    cursors = {}
+    for lean, user in sides.items():
+        page = await pair.client.get(
+            f"/v1/conversations/{conversations[lean]}/messages?limit=1",
+            headers={"authorization": f"Bearer {token(user)}"},
+        )
+        assert page.json()["has_more"] is True
+        cursors[lean] = page.json()["next_cursor"]
+
+    cases: list[tuple[str, str, dict[str, str], bool, bool | None]] = [
+        # (name, query, headers, with a token, answered by the lean path)
+        ("the first page", "", {}, True, True),
+        ("one message", "?limit=1", {}, True, True),
+        ("a hundred", "?limit=100", {}, True, True),
+        ("newest first", "?order=desc&limit=1", {}, True, True),
+        ("oldest first, said", "?order=asc", {}, True, True),
+        ("page two", "?limit=1&cursor={cursor}", {}, True, True),
+        ("page two in the other order", "?order=desc&limit=1&cursor={cursor}", {}, True, True),
+        ("a tampered cursor", "?limit=1&cursor={cursor}x", {}, True, True),
+        ("a cursor of nothing", "?cursor=abc.def", {}, True, True),
+        ("an idempotency key, ignored", "", {"idempotency-key": "k"}, True, True),
+        ("limit 0", "?limit=0", {}, True, False),
+        ("limit 101", "?limit=101", {}, True, False),
+        ("limit 007", "?limit=007", {}, True, False),
+        ("limit not a number", "?limit=ten", {}, True, False),
+        ("limit twice", "?limit=1&limit=2", {}, True, False),
+        ("an order that is not one", "?order=up", {}, True, False),
+        ("a percent-encoded cursor", "?cursor=%41", {}, True, False),
+        ("an empty cursor", "?cursor=", {}, True, False),
+        ("the whole tree", "?tree=true", {}, True, False),
+        ("min_position", "?min_position=1", {}, True, False),
+        ("as_of", "?as_of=0", {}, True, False),
+        ("a leaf", f"?leaf_id={OTHER}", {}, True, False),
+        ("an unknown parameter", "?colour=red", {}, True, False),
+        ("a bare name", "?limit", {}, True, False),
+        ("no token", "", {}, False, False),
+        ("a bad token", "", {"authorization": "Bearer nope"}, False, False),
+        ("two tokens", "", {"authorization": f"Bearer {token('x')}"}, True, None),
+        ("a host header that is not one", "", {"host": "a b"}, True, False),
+    ]
+    for name, query, headers, with_token, by_lean in cases:
+        answers = []
+        for lean, user in sides.items():
+            before = pair.handed_on
+            url = f"/v1/conversations/{conversations[lean]}/messages" + query.format(cursor=cursors[lean])
+            r = await pair.ask(lean, "GET", url, user=user if with_token else None, headers=headers)
+            if lean and by_lean is not None:
+                taken = pair.handed_on == before
+                assert taken == by_lean, f"{name}: lean path {'declined' if by_lean else 'took'} it"
+            answers.append(plain(r))
+        assert answers[0] == answers[1], name
+        assert answers[0][0] != 500, name
+    for name, url, by_lean, status in (
+        ("another user's conversation", f"/v1/conversations/{foreign}/messages", True, 404),
+        ("an unknown conversation", f"/v1/conversations/{OTHER}/messages", True, 404),
+        ("a malformed id", "/v1/conversations/not-a-uuid/messages", False, 422),
+    ):
+        answers = []
+        for lean, user in sides.items():
+            before = pair.handed_on
+            answers.append(plain(await pair.ask(lean, "GET", url, user=user)))
+            if lean:
+                assert (pair.handed_on == before) == by_lean, name
+        assert answers[0] == answers[1] and answers[0][0] == status, name
+    page = await pair.ask(True, "GET", f"/v1/conversations/{conversations[True]}/messages", user=sides[True])
+    assert [m["content"] for m in page.json()["data"]] == ["m0 <b>&", "edit"]  # the active branch
+    metrics = (await pair.client.get("/metrics")).text
+    route = 'method="GET",route="/v1/conversations/{conversation_id}/messages"'
+    assert f'{route},status="200"' in metrics and ":str}" not in metrics
