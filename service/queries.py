@@ -54,17 +54,18 @@ def _conversation(row: asyncpg.Record) -> shapes.Conversation:
     )
 
 
-def message_from_row(row: asyncpg.Record, parent_column: int = 8) -> shapes.Message:
+def message_from_row(row: Sequence[Any], parent_column: int = 8, first: int = 0) -> shapes.Message:
+    """The message in `row`'s columns `_MESSAGE_COLUMNS`, from column `first` on."""
     return shapes.Message(
-        id=row[0],
-        conversation_id=row[1],
-        seq=row[2],
-        role=row[3],
-        content=row[4],
-        metadata=msgspec.json.decode(row[5]),
-        created_at=shapes.timestamp(row[6]),
-        position=row[7],
-        parent_id=row[parent_column],
+        id=row[first],
+        conversation_id=row[first + 1],
+        seq=row[first + 2],
+        role=row[first + 3],
+        content=row[first + 4],
+        metadata=msgspec.json.decode(row[first + 5]),
+        created_at=shapes.timestamp(row[first + 6]),
+        position=row[first + 7],
+        parent_id=row[first + parent_column],
     )
 
 
@@ -321,7 +322,7 @@ async def list_branch_if_readable(
     )  # fmt: skip
     if rows[0][0] is None or not _includes(rows[0], min_position):  # no checkpoint yet, or behind
         return None
-    return _branch_page([r[5:] for r in rows if r[5] is not None], conversation_id, limit, leaf_id, after)
+    return _branch_page(rows if rows[0][5] is not None else [], conversation_id, limit, leaf_id, after, first=5)
 
 
 async def read_branch(
@@ -376,18 +377,22 @@ def _branch_page(
     limit: int,
     leaf_id: uuid.UUID | None,
     after: list[Any] | None,
+    *,
+    first: int = 0,
 ) -> tuple[list[shapes.Message], list[Any] | None]:
-    """The page from `_BRANCH`'s rows (the conversation's id first: none, no such conversation)."""
+    """The page from `_BRANCH`'s rows, from column `first` on: the conversation's id (no row, no
+    such conversation), the leaf's, then the message's columns and its depth (none: no message)."""
     if not rows:
         raise NotFound(str(conversation_id))
-    if rows[0][1] is None:  # the conversation has no such leaf (or no message at all)
+    leaf = rows[0][first + 1]
+    if leaf is None:  # the conversation has no such leaf (or no message at all)
         if leaf_id is not None and after is None:
             raise BadRequest("leaf_id is not a message of this conversation", field="leaf_id")
         return [], None
-    leaf = rows[0][1]
-    rows = [r for r in rows if r[2] is not None]
-    page = [message_from_row(tuple(r)[2:]) for r in rows[:limit]]
-    return page, ([str(leaf), rows[limit - 1][2 + 9]] if len(rows) > limit else None)
+    if rows[-1][first + 2] is None:  # the leaf, and no message of it in the page's range
+        return [], None
+    page = [message_from_row(r, first=first + 2) for r in rows[:limit]]
+    return page, ([str(leaf), rows[limit - 1][first + 2 + 9]] if len(rows) > limit else None)
 
 
 # The branch's page: depths [a, b] of the path from a first message to the leaf. `seg` walks up
