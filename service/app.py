@@ -220,7 +220,7 @@ def create_app(settings: Settings) -> Litestar:
     # Around the router, not as route middleware: every answer gets a request id and is counted,
     # a 404 for an unknown path or a 405 too, and a route is not wrapped in a second exception
     # handler layer (Litestar adds one under any route middleware).
-    # The append's lean path goes in front of the router, inside the request context.
+    # The lean paths (the append, the history page) go in front of the router, inside the request context.
     app.asgi_handler = request_context(request_metrics)(lean_paths(app)(app.asgi_handler))
     return app
 
