@@ -483,7 +483,7 @@ async def main() -> None:
             # vacuum and the checkpoint that autovacuum and the checkpointer would do have run. On
             # the 2-vCPU reference machine the p99 of 10 s windows moved between 1 and 3 ms from one
             # window to the next with the same server and data, the first ones after the load often
-            # the worst (the kernel had nothing left to write back by then: not that). So the steady
+            # the worst (not write-back: the kernel had nothing dirty left by then). So the steady
             # state is read in consecutive windows, each one's p99 printed, the target judged on
             # their median.
             steady = "steady state (after VACUUM ANALYZE, CHECKPOINT)"
