@@ -124,7 +124,18 @@ async def _answer(send: Send, status: int, encoded: bytes, extra: tuple[bytes, b
 async def _caller(app: Litestar, scope: Scope) -> str:
     """The caller of a request without a body, read as the route reads it; _Declined (or the
     verifier's error) for anything the route would refuse, or that is not plain."""
+    authorization, _ = _headers(app, scope, body=False)
+    verifier: TokenVerifier = app.state.verifier
+    return await verifier.user_of(authorization)
+
+
+def _headers(app: Litestar, scope: Scope, *, body: bool) -> tuple[str | None, str | None]:
+    """The Authorization header and, for a request with a `body`, the Idempotency-Key, in one
+    pass over the headers; _Declined for what the route would refuse before reading them, or
+    for either given twice: a host Litestar refuses and, with a body, a Content-Length over the
+    limit or a Content-Type that is not JSON."""
     authorization: str | None = None
+    key: str | None = None
     for name, value in scope["headers"]:
         if name == b"host" and not is_valid_host(value):
             raise _Declined  # Litestar's router refuses it
@@ -132,8 +143,17 @@ async def _caller(app: Litestar, scope: Scope) -> str:
             if authorization is not None:
                 raise _Declined
             authorization = value.decode("latin-1")
-    verifier: TokenVerifier = app.state.verifier
-    return await verifier.user_of(authorization)
+        elif not body:
+            continue
+        elif name == b"content-length" and not (value.isdigit() and int(value) <= app.state.settings.max_body_bytes):
+            raise _Declined  # a 413 (or 422) before the body is read, from Litestar
+        elif name == b"idempotency-key":
+            if key is not None:
+                raise _Declined
+            key = value.decode("latin-1")
+        elif name == b"content-type" and value.split(b";", 1)[0].strip().lower() != b"application/json":
+            raise _Declined
+    return authorization, key
 
 
 _LIMIT: Final = re.compile(rb"[1-9][0-9]?|100")
@@ -164,23 +184,7 @@ def _page_query(query: bytes) -> tuple[int, str, str | None]:
 async def _request(app: Litestar, scope: Scope, conversation_id: str) -> tuple[str, uuid.UUID, str | None]:
     """The caller, the conversation's id and the Idempotency-Key, each read as the route reads
     them; _Declined for anything the route would refuse, or that is not plain."""
-    authorization: str | None = None
-    key: str | None = None
-    for name, value in scope["headers"]:
-        if name == b"host" and not is_valid_host(value):
-            raise _Declined  # Litestar's router refuses it
-        if name == b"content-length" and not (value.isdigit() and int(value) <= app.state.settings.max_body_bytes):
-            raise _Declined  # a 413 (or 422) before the body is read, from Litestar
-        if name == b"authorization":
-            if authorization is not None:
-                raise _Declined
-            authorization = value.decode("latin-1")
-        elif name == b"idempotency-key":
-            if key is not None:
-                raise _Declined
-            key = value.decode("latin-1")
-        elif name == b"content-type" and value.split(b";", 1)[0].strip().lower() != b"application/json":
-            raise _Declined
+    authorization, key = _headers(app, scope, body=True)
     verifier: TokenVerifier = app.state.verifier
     try:
         user = await verifier.user_of(authorization)
