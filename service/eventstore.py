@@ -157,10 +157,10 @@ _HEAD_OF_USER = (
 _INSERT = """
 INSERT INTO events (event_id, stream_id, stream_version, user_id, type, data, sealed, metadata)
 SELECT e.event_id, e.stream_id, coalesce(e.at, head.stream_version, 0) + e.ord, e.user_id, e.type,
-       e.data::jsonb, e.sealed, e.metadata::jsonb
-FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[],
-            $8::integer[], $9::integer[], $10::integer[], $11::boolean[]{digest_array})
-     AS e(event_id, stream_id, user_id, type, data, sealed, metadata, ord, at, expected, new_stream{digest_column})
+       e.data, decode(e.sealed, 'base64'), e.metadata
+FROM json_to_recordset($1::json)
+     AS e(event_id uuid, stream_id uuid, user_id text, type text, data jsonb, sealed text, metadata jsonb,
+          ord integer, at integer, expected integer, new_stream boolean{digest_column})
 LEFT JOIN LATERAL (
     SELECT stream_version, user_id, tx_id FROM events
     WHERE stream_id = e.stream_id AND e.at IS NULL
@@ -175,50 +175,72 @@ RETURNING event_id, stream_id, user_id, position, stream_version, recorded_at
 """
 
 # The common case, a batch of messages to existing streams with no idempotency key: the insert alone.
-_APPEND_PLAIN = _INSERT.format(digest_array="", digest_column="", digest_check="").replace(
+_APPEND_PLAIN = _INSERT.format(digest_column="", digest_check="").replace(
     "RETURNING event_id, stream_id, user_id, position", "RETURNING event_id, position"
 )
 _APPEND = f"""
 WITH ins AS ({
     _INSERT.format(
-        digest_array=", $12::bytea[]",
-        digest_column=", key_digest",
+        digest_column=", key_digest text",
         digest_check='''
   AND (e.key_digest IS NULL OR NOT EXISTS (
-      SELECT FROM idempotency_keys AS used WHERE used.user_id = e.user_id AND used.key_digest = e.key_digest))''',
+      SELECT FROM idempotency_keys AS used
+      WHERE used.user_id = e.user_id AND used.key_digest = decode(e.key_digest, 'base64')))''',
     )
 }), new_keys AS (
     INSERT INTO data_keys (stream_id, user_id, wrapped, master_id)
-    SELECT ins.stream_id, ins.user_id, k.wrapped, k.master_id
-    FROM ins JOIN unnest($1::uuid[], $14::bytea[], $15::text[]) AS k(event_id, wrapped, master_id) USING (event_id)
+    SELECT ins.stream_id, ins.user_id, decode(k.wrapped, 'base64'), k.master_id
+    FROM ins JOIN json_to_recordset($1::json) AS k(event_id uuid, wrapped text, master_id text) USING (event_id)
     WHERE k.wrapped IS NOT NULL
 ), new_idempotency AS (
     INSERT INTO idempotency_keys (user_id, key_digest, fingerprint, stream_id, first_version, event_count)
-    SELECT ins.user_id, k.key_digest, k.fingerprint, ins.stream_id, ins.stream_version, k.events
-    FROM ins JOIN unnest($1::uuid[], $12::bytea[], $13::bytea[], $16::integer[])
-                  AS k(event_id, key_digest, fingerprint, events) USING (event_id)
+    SELECT ins.user_id, decode(k.key_digest, 'base64'), decode(k.fingerprint, 'base64'), ins.stream_id,
+           ins.stream_version, k.events
+    FROM ins JOIN json_to_recordset($1::json) AS k(event_id uuid, key_digest text, fingerprint text, events integer)
+                  USING (event_id)
     WHERE k.fingerprint IS NOT NULL
 )
 SELECT event_id, position, stream_version, recorded_at FROM ins
 """
 
 
-def _statement(columns: list[list[Any]]) -> tuple[str, list[list[Any]]]:
-    """The statement for `_columns`' arguments: the plain insert when no command starts a stream
-    or carries an idempotency key (nothing to write beside the events)."""
-    if any(columns[11]) or any(columns[13]):
-        return _APPEND, columns
-    return _APPEND_PLAIN, columns[:11]
+class _Row(msgspec.Struct, omit_defaults=True):
+    """One event of `_APPEND`'s arguments (a command's values repeated on each of its events)."""
+
+    event_id: uuid.UUID
+    stream_id: uuid.UUID
+    user_id: str
+    type: str
+    data: msgspec.Raw  # JSON, as it goes into the jsonb column
+    sealed: bytes | None  # base64 in the JSON, as all the bytes here
+    metadata: msgspec.Raw
+    ord: int  # the event's place in its command, from 1
+    at: int | None  # the stream's remembered head, if any
+    expected: int | None
+    new_stream: bool
+    key_digest: bytes | None = None
+    fingerprint: bytes | None = None  # on the command's first event only
+    wrapped: bytes | None = None  # a new stream's data key, on its first event only
+    master_id: str | None = None
+    events: int = 0  # the command's event count
 
 
-async def _insert(conn: asyncpg.Connection, columns: list[list[Any]]) -> list[Any]:
-    """Insert the commands of `_columns` (each only if its checks hold); the rows inserted, as
-    (event_id, position, stream_version, recorded_at)."""
+_encode_rows = msgspec.json.Encoder().encode
+
+
+async def _insert(conn: asyncpg.Connection, rows: list[_Row]) -> list[Any]:
+    """Insert the commands of `_rows` (each only if its checks hold); the rows inserted, as
+    (event_id, position, stream_version, recorded_at).
+
+    The arguments go as one JSON text, not an array per column: the client encodes them in one
+    call instead of element by element, as the projection's writes do (projections/conversations.py)."""
     if await is_distributed(conn):
-        return await _insert_distributed(conn, columns)
-    statement, args = _statement(columns)
-    rows: list[Any] = await conn.fetch(statement, *args)
-    return rows
+        return await _insert_distributed(conn, rows)
+    # The plain insert when no command starts a stream or carries an idempotency key (nothing to
+    # write beside the events).
+    plain = not any(r.key_digest is not None or r.wrapped is not None for r in rows)
+    result: list[Any] = await conn.fetch(_APPEND_PLAIN if plain else _APPEND, _encode_rows(rows).decode())
+    return result
 
 
 # On Citus (service/citus.py) the single statement cannot run: a lateral join of the arguments
@@ -245,9 +267,11 @@ _IDEMPOTENCY_COLUMNS: Final = (
 )
 
 
-async def _insert_distributed(conn: asyncpg.Connection, columns: list[list[Any]]) -> list[Any]:
+async def _insert_distributed(conn: asyncpg.Connection, batch: list[_Row]) -> list[Any]:
+    columns = [list(column) for column in zip(*(msgspec.structs.astuple(r) for r in batch), strict=True)]
     (event_ids, stream_ids, user_ids, types, datas, sealeds, metadatas, ords, ats, expecteds, new_streams,
      digests, fingerprints, wrappeds, masters, counts) = columns  # fmt: skip
+    datas, metadatas = [bytes(d).decode() for d in datas], [bytes(m).decode() for m in metadatas]  # msgspec.Raw
     starts = [i for i, ord_ in enumerate(ords) if ord_ == 1]  # each command's first row
     claims = [i for i in starts if new_streams[i]]
     if claims:
@@ -631,20 +655,21 @@ async def append(
     raise RuntimeError(f"append to stream {stream_id} lost {MAX_APPEND_ATTEMPTS} races in a row")
 
 
-def _columns(batch: Sequence[tuple[Prepared, int | None]]) -> list[list[Any]]:
+def _rows(batch: Sequence[tuple[Prepared, int | None]]) -> list[_Row]:
     """`_APPEND`'s arguments for commands, each with its stream's remembered head (or None)."""
-    rows: list[tuple[Any, ...]] = []
+    rows: list[_Row] = []
     for p, at in batch:
         count = len(p.event_ids)
         digest, fingerprint, wrapped, master = p.key_digest, p.fingerprint, p.new_key, p.master_id
         new_stream = wrapped is not None
         for i, event_id in enumerate(p.event_ids):
-            rows.append((
-                event_id, p.stream_id, p.user_id, p.types[i], p.data[i], p.sealed[i], p.metadatas[i], i + 1, at,
-                p.expected_version, new_stream, digest, fingerprint, wrapped, master, count,
+            rows.append(_Row(
+                event_id, p.stream_id, p.user_id, p.types[i], msgspec.Raw(p.data[i]), p.sealed[i],
+                msgspec.Raw(p.metadatas[i]), i + 1, at, p.expected_version, new_stream, digest, fingerprint,
+                wrapped, master, count,
             ))  # fmt: skip
             fingerprint = wrapped = master = None  # on the command's first event only (the key on all: checked by each)
-    return [list(column) for column in zip(*rows, strict=True)]
+    return rows
 
 
 async def append_prepared(
@@ -669,13 +694,13 @@ async def append_prepared(
                 _check_head(stream_id, user_id, expected_version, owner, version, exact=False)
             if expected_version is None or expected_version == version:
                 at = version
-        columns = _columns([(prepared, at)])
+        arguments = _rows([(prepared, at)])
         try:
             if in_transaction:
                 async with conn.transaction():  # a savepoint, so that a lost race can be retried
-                    rows = await _insert(conn, columns)
+                    rows = await _insert(conn, arguments)
             else:
-                rows = await _insert(conn, columns)
+                rows = await _insert(conn, arguments)
         except asyncpg.UniqueViolationError as exc:
             constraint = violated_constraint(exc)
             if constraint == "idempotency_keys_pkey":
@@ -748,7 +773,7 @@ async def append_all(conn: asyncpg.Connection, commands: Sequence[Prepared]) -> 
     # Each stream's head is looked up (not taken from the expected version), so that the order
     # rule holds too: a stream written by a newer transaction skips its command.
     try:
-        rows = await _insert(conn, _columns([(p, None) for p in commands]))
+        rows = await _insert(conn, _rows([(p, None) for p in commands]))
     except asyncpg.UniqueViolationError:
         raise VersionConflict(-1, -1) from None  # a stream moved on (and the transaction is lost)
     if len(rows) != sum(len(p.event_ids) for p in commands):
@@ -1129,11 +1154,11 @@ class GroupCommit:
             if known is not None and known[0] == p.user_id and p.expected_version in (None, known[1]):
                 at = known[1]
             commands.append((p, at))
-        columns = _columns(commands)
+        arguments = _rows(commands)
         inserted: dict[uuid.UUID, Any] = {}
         try:
             async with self.store.pool.acquire() as conn:
-                inserted = {row[0]: row for row in await _insert(conn, columns)}
+                inserted = {row[0]: row for row in await _insert(conn, arguments)}
         except DATABASE_UNAVAILABLE:
             # The connection was lost (or the database went away) mid-batch: committed or not is
             # unknown. Each command looks for its own events (their ids were chosen before the
