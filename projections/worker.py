@@ -108,6 +108,31 @@ async def apply_batch(
     before it are applied, the failure is recorded in the checkpoint row, that is committed, and
     `ProjectionFailed` is raised; `SliceRetired` when a newer slice layout replaced the row.
     """
+    try:
+        return await _batch(conn, projection, keyring, batch_size, before_commit, part=part, careful=False)
+    except _BatchFailed:
+        pass  # rolled back: the same batch again, one event at a time
+    return await _batch(conn, projection, keyring, batch_size, before_commit, part=part, careful=True)
+
+
+class _BatchFailed(Exception):
+    """The batch, folded as a whole, failed: its transaction rolls back, and it runs again carefully."""
+
+
+async def _batch(
+    conn: asyncpg.Connection,
+    projection: Projection,
+    keyring: Keyring,
+    batch_size: int,
+    before_commit: BeforeCommit | None,
+    *,
+    part: Slice,
+    careful: bool,
+) -> int:
+    """`apply_batch`'s transaction. The batch is folded as a whole with no savepoint: a savepoint
+    and its release are two more round trips, each a wait behind the API's requests when the worker
+    runs in the API process. Only when that fails (`_BatchFailed`), `careful` folds the batch again
+    one event at a time, each in a savepoint, up to the one that fails."""
     names = {t: t for t in projection.tables}
     name = part.row(projection.name)
     failure: ProjectionFailed | None = None
@@ -127,32 +152,43 @@ async def apply_batch(
         events = await read_all(conn, keyring, checkpoint, batch_size, hold_keys=True, hashes=hashes)
         if not events:
             return 0
-        applied = await _apply(conn, projection, events, names)
-        if applied is None:
-            await mark_users(conn, projection.name, {e.user_id for e in events}, events[-1].checkpoint)
-            await _save_checkpoint(conn, name, events[-1].checkpoint)
+        if not careful:
+            if await _apply(conn, projection, events, names, savepoint=False) is not None:
+                raise _BatchFailed
+        else:
+            for event in events:
+                failure = await _apply(conn, projection, [event], names)
+                if failure is not None:
+                    failure = ProjectionFailed(name, failure.position, failure.error)
+                    await record_failure(conn, name, failure)
+                    break
+                await mark_users(conn, projection.name, {event.user_id}, event.checkpoint)
+                await _save_checkpoint(conn, name, event.checkpoint)
+        if failure is None:
+            if not careful:
+                await mark_users(conn, projection.name, {e.user_id for e in events}, events[-1].checkpoint)
+                await _save_checkpoint(conn, name, events[-1].checkpoint)
             if before_commit is not None:
                 await before_commit(events)
             return len(events)
-        # The batch failed as a whole: apply it one event at a time up to the one that fails.
-        for event in events:
-            failure = await _apply(conn, projection, [event], names)
-            if failure is not None:
-                failure = ProjectionFailed(name, failure.position, failure.error)
-                await record_failure(conn, name, failure)
-                break
-            await mark_users(conn, projection.name, {event.user_id}, event.checkpoint)
-            await _save_checkpoint(conn, name, event.checkpoint)
-    assert failure is not None
     raise failure
 
 
 async def _apply(
-    conn: asyncpg.Connection, projection: Projection, events: Sequence[RecordedEvent], names: dict[str, str]
+    conn: asyncpg.Connection,
+    projection: Projection,
+    events: Sequence[RecordedEvent],
+    names: dict[str, str],
+    *,
+    savepoint: bool = True,
 ) -> ProjectionFailed | None:
-    """Fold `events` in a savepoint; what went wrong if the projection could not apply them."""
+    """Fold `events` (in a savepoint, unless the caller rolls back on failure); what went wrong if
+    the projection could not apply them."""
     try:
-        async with conn.transaction():
+        if savepoint:
+            async with conn.transaction():
+                await projection.apply(conn, events, names)
+        else:
             await projection.apply(conn, events, names)
     except (ProjectionError, asyncpg.PostgresError) as exc:
         if isinstance(exc, _TRANSIENT):

@@ -417,7 +417,21 @@ _READ_USER_BELOW = _READ_USER.replace("chatlog_horizon()", "$5::xid8")
 # for it (and then deletes what it wrote), or has committed and the batch sees no key. Citus
 # locks rows only in a query on one shard: there the batch holds, from before its read, a shared
 # advisory lock on the coordinator that an erasure takes exclusively (ERASURES_LOCK).
-_HOLD_KEYS = "SELECT stream_id FROM data_keys WHERE stream_id = ANY($1::uuid[]) ORDER BY stream_id FOR KEY SHARE"
+#
+# On one server the read and the lock are one statement (one round trip): its last column says
+# whether the row's key was still there to lock. A key an erasure deleted after the read's
+# snapshot is not locked (the lock skips a row deleted since, once its deleter commits), and its
+# stream's events are erased.
+_HOLDING = """
+WITH page AS ({read}), held AS MATERIALIZED (
+    SELECT stream_id FROM data_keys
+    WHERE stream_id IN (SELECT stream_id FROM page WHERE wrapped IS NOT NULL)
+    ORDER BY stream_id FOR KEY SHARE
+)
+SELECT page.*, page.stream_id IN (SELECT stream_id FROM held) FROM page ORDER BY page.tx_id, page.position
+"""
+_READ_ALL_HOLDING = _HOLDING.format(read=_READ_ALL)
+_READ_SLICE_HOLDING = _HOLDING.format(read=_READ_SLICE)
 ERASURES_LOCK: Final = 0x63686C65  # "chle"
 
 
@@ -864,7 +878,7 @@ def recorded(row: Any, keyring: Keyring, erased: frozenset[uuid.UUID] = frozense
     """A row of `_COLUMNS` as a decoded event, opened with its stream's key; erased when the
     stream has no key (or is among `erased`)."""
     (position, event_id, stream_id, version, user_id, type_, data, sealed, metadata, recorded_at, tx_id,
-     wrapped, master_id) = row  # fmt: skip
+     wrapped, master_id, *_) = row  # fmt: skip
     event: DomainEvent | None = None
     meta: dict[str, Any] | None = None
     if sealed is None or (wrapped is not None and stream_id not in erased):
@@ -928,16 +942,15 @@ async def read_all(
         horizon = await conn.fetchval(_HORIZON)
         statement = _READ_ALL_BELOW if hashes is None else _READ_SLICE_BELOW
         rows = await conn.fetch(statement, after.tx_id, after.position, limit, *sliced, horizon)
+    elif hold_keys:
+        statement = _READ_ALL_HOLDING if hashes is None else _READ_SLICE_HOLDING
+        rows = await conn.fetch(statement, after.tx_id, after.position, limit, *sliced)
+        erased = frozenset(row[2] for row in rows if row[11] is not None and not row[13])
+        return [recorded(row, keyring, erased) for row in rows]
     else:
         statement = _READ_ALL if hashes is None else _READ_SLICE
         rows = await conn.fetch(statement, after.tx_id, after.position, limit, *sliced)
-    erased: frozenset[uuid.UUID] = frozenset()
-    if hold_keys and rows and not distributed:
-        keyed = list({row[2] for row in rows if row[11] is not None})
-        if keyed:
-            held = {r[0] for r in await conn.fetch(_HOLD_KEYS, keyed)}
-            erased = frozenset(keyed) - held
-    return [recorded(row, keyring, erased) for row in rows]
+    return [recorded(row, keyring) for row in rows]
 
 
 async def read_user(

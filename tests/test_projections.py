@@ -578,6 +578,31 @@ async def test_an_event_it_cannot_apply_stops_the_projection_naming_its_position
         await catch_up(raw_dsn)
 
 
+async def test_a_database_error_in_a_batch_rolls_it_back_then_applies_the_events_before_the_one_at_fault(
+    store: EventStore, db_url: str, raw_dsn: str
+) -> None:
+    # The batch is folded without a savepoint: the read table's unique key refusing the second
+    # conversation's message comes after the batch's conversation rows were written, and must take
+    # them back with it before the batch is folded again one event at a time.
+    first, second, said = uuid7(), uuid7(), message("first")
+    await store.append("alice", first, [ConversationStarted(title="first")])
+    await store.append("alice", first, [said])
+    await store.append("alice", second, [ConversationStarted(title="second")])
+    duplicate = await store.append(
+        "alice",
+        second,
+        [MessageAppended(message_id=said.message_id, role="user", content="same id")],  # type: ignore[arg-type]
+    )
+    worker = Worker(db_url, CONVERSATIONS, KEYRING, FAST)
+    await asyncio.wait_for(worker.run(), 10)  # returns: the projection stopped
+    assert worker.failure is not None and worker.failure.position == duplicate.position
+    assert "UniqueViolation" in worker.failure.error
+    # Everything before the duplicate is applied, once: both conversations, the first's message.
+    rows = await query(raw_dsn, "SELECT id, message_count FROM conversations ORDER BY created_at")
+    assert [(r[0], r[1]) for r in rows] == [(first, 1), (second, 0)]
+    assert [r[0] for r in await query(raw_dsn, "SELECT id FROM messages")] == [said.message_id]
+
+
 async def test_status_reports_position_and_lag(store: EventStore, raw_dsn: str) -> None:
     await conversation_with_messages(store, "alice", 3)
     conn = await asyncpg.connect(raw_dsn)
