@@ -13,9 +13,11 @@ PostgreSQL in a temporary directory; works in a fresh database `chatlog_bench_ht
    (256 conversations, round robin), under each ASGI server asked for (`--server`, default both:
    the figures behind `chatlog serve`'s choice). In the same run, rounds alternating,
    `benchmarks/naive_app.py` (Litestar + asyncpg, one INSERT per request, one worker) takes the
-   same load under the same server; each ratio compares the two under one server. The chatlog
-   server is started afresh for each measurement (so that the measured process is the one
-   running the projection worker) and warmed up for a second first, as is the naive one.
+   same load under the same server; each ratio compares the two under one server. Each
+   measurement starts from the same settled state (VACUUM ANALYZE, CHECKPOINT), the two in
+   alternating order from round to round. The chatlog server is started afresh for each
+   measurement (so that the measured process is the one running the projection worker) and
+   warmed up for a second first, as is the naive one.
    Each round then appends at concurrency 1 with group commit on and off (in alternating
    order), each after the projection caught up and a VACUUM ANALYZE and CHECKPOINT, so that
    neither shares the machine with the clean-up after the load before it.
@@ -291,7 +293,8 @@ async def settle(dsn: str) -> None:
     during the next measurement."""
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("VACUUM (ANALYZE) events, conversations, messages")
+        naive = await conn.fetchval("SELECT to_regclass('naive_messages') IS NOT NULL")
+        await conn.execute("VACUUM (ANALYZE) events, conversations, messages" + (", naive_messages" if naive else ""))
         await conn.execute("CHECKPOINT")
     finally:
         await conn.close()
@@ -396,21 +399,30 @@ async def main() -> None:
         lags: dict[str, list[float]] = {}
         for round_ in range(args.rounds):
             for server in servers:
-                measured = wrk(naive[server], theirs, connections=32, seconds=args.seconds,
-                               watch={"server": naive_procs[server]})  # fmt: skip
-                results.setdefault(f"naive {server}", []).append(measured)
-                chatlog = serve(server)
-                wrk(base, ours, connections=32, seconds=1)  # warm-up: connections, remembered heads
-                watch = {"server": chatlog} | ({"projector": projector} if projector else {})
-                probe = LagProbe(base)
-                probe.start()
-                results.setdefault(f"chatlog {server}", []).append(wrk(base, ours, connections=32,
-                                                                       seconds=args.seconds, watch=watch))  # fmt: skip
-                probe.halt.set()
-                probe.join()
-                lags.setdefault(server, []).extend(probe.samples)
-                stop(chatlog)
-                chatlog = None
+                # Each of the two from the same settled state, in alternating order: the clean-up
+                # after the load before a measurement (its dead rows, its dirty buffers, autovacuum's
+                # visit) would otherwise land on whichever came second, and drift within a round on
+                # whichever came first.
+                for side in ("naive", "chatlog") if round_ % 2 == 0 else ("chatlog", "naive"):
+                    await settle(libpq(db_url))
+                    if side == "naive":
+                        wrk(naive[server], theirs, connections=32, seconds=1)  # warm-up, as chatlog's
+                        measured = wrk(naive[server], theirs, connections=32, seconds=args.seconds,
+                                       watch={"server": naive_procs[server]})  # fmt: skip
+                        results.setdefault(f"naive {server}", []).append(measured)
+                        continue
+                    chatlog = serve(server)
+                    wrk(base, ours, connections=32, seconds=1)  # warm-up: connections, remembered heads
+                    watch = {"server": chatlog} | ({"projector": projector} if projector else {})
+                    probe = LagProbe(base)
+                    probe.start()
+                    measured = wrk(base, ours, connections=32, seconds=args.seconds, watch=watch)
+                    results.setdefault(f"chatlog {server}", []).append(measured)
+                    probe.halt.set()
+                    probe.join()
+                    lags.setdefault(server, []).extend(probe.samples)
+                    stop(chatlog)
+                    chatlog = None
             if SERVED in servers:  # one request at a time: group commit must not make a lone append wait
                 pair = [("chatlog 1", "true"), ("chatlog 1, group commit off", "false")]
                 for name, grouped in pair if round_ % 2 == 0 else pair[::-1]:  # alternating: drift hits both
