@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import asyncpg
+import msgspec
 from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,7 +54,7 @@ from benchmarks.common import libpq, machine_cpu_seconds, server_url
 from service.connections import ConnectionPool
 from service.database import make_engine, migrate
 from service.events import MessageAppended
-from service.eventstore import _APPEND_PLAIN, EventStore, seal_event
+from service.eventstore import _APPEND_PLAIN, EventStore, _encode_rows, _Row, seal_event
 from service.ids import uuid7
 from service.sealing import Keyring
 
@@ -169,10 +170,9 @@ async def main() -> None:
     clear, sealed = seal_event(aead, data.message_id, "message.appended", plain)
 
     async def store_sql_op(task: int, i: int) -> None:
-        await raw_conns[task].fetch(
-            _APPEND_PLAIN, [uuid7()], [stream(task)], [f"user{task}"], ["message.appended"], [clear], [sealed],
-            [metadata], [1], [i], [None], [False],
-        )  # fmt: skip
+        row = _Row(uuid7(), stream(task), f"user{task}", "message.appended", msgspec.Raw(clear), sealed,
+                   msgspec.Raw(metadata), 1, i, None, False)  # fmt: skip
+        await raw_conns[task].fetch(_APPEND_PLAIN, _encode_rows([row]).decode())
 
     metadata = '{"schema_version": 1}'
     kinds = {"raw": raw_op, "raw-tx": raw_tx_op, "store-sql": store_sql_op, "store-solo": solo_op, "store": store_op}
