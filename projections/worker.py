@@ -307,6 +307,7 @@ class Worker:
         settings: WorkerSettings | None = None,
         *,
         before_commit: BeforeCommit | None = None,
+        after_commit: Callable[[], None] | None = None,
         part: Slice = WHOLE,
         group: SliceGroup | None = None,
     ) -> None:
@@ -315,6 +316,7 @@ class Worker:
         self.keyring = keyring
         self.settings = settings or WorkerSettings()
         self.before_commit = before_commit
+        self.after_commit = after_commit  # called after each batch that applied events
         self.part = part
         self.name = part.row(projection.name)  # its checkpoint row and lock
         self.group = group or SliceGroup(projection.name, part.n)
@@ -421,6 +423,8 @@ class Worker:
                 conn, self.projection, self.keyring, self.settings.batch_size, self.before_commit, part=self.part
             )
             self.applied += applied
+            if applied and self.after_commit is not None:
+                self.after_commit()
             await self._watch_horizon(conn)
             if await self._over_share(conn):
                 await conn.execute("SELECT pg_advisory_unlock($1)", lock_key(self.name))

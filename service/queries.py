@@ -144,6 +144,33 @@ async def _readable_distributed(
     return (checkpoint[0], checkpoint[1], own_tx, own_position, asked, below)
 
 
+# Readers of this process waiting for the read tables (`wait_until_readable`), woken when this
+# process's projection worker commits a batch (`projection_moved`): the worker running in the API
+# process, as `chatlog serve` runs it, then answers a reader within its commit, not at the next
+# step of the reader's back-off. A batch committed by another process still reaches the reader at
+# that next step.
+_readers: set[asyncio.Future[None]] = set()
+
+
+def projection_moved() -> None:
+    """Wake the readers of this process that wait for the read tables: a batch has committed."""
+    for waiter in _readers:
+        if not waiter.done() and not waiter.get_loop().is_closed():
+            waiter.set_result(None)
+    _readers.clear()
+
+
+async def _pause(delay: float) -> None:
+    """Sleep `delay`, or less if this process's projection worker commits a batch meanwhile."""
+    waiter = asyncio.get_running_loop().create_future()
+    _readers.add(waiter)
+    try:
+        await asyncio.wait((waiter,), timeout=delay)
+    finally:
+        _readers.discard(waiter)
+        waiter.cancel()
+
+
 async def wait_until_readable(
     pool: Any, user_id: str, min_position: int | None, wait_seconds: float, replica: Any = None, slices: int = 1
 ) -> None:
@@ -180,7 +207,7 @@ async def wait_until_readable(
             if min_position is None:
                 raise NotReady("the read models have not caught up with your newest write yet; retry shortly")
             raise NotReady(f"the read models have not reached position {min_position} yet; retry shortly")
-        await asyncio.sleep(delay)
+        await _pause(delay)
         delay = min(delay * 2, 0.05)
 
 

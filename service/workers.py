@@ -9,6 +9,7 @@ from projections import select
 from projections.slices import layout
 from projections.worker import SliceGroup, Worker, WorkerSettings
 from service.eventstore import EventStore
+from service.queries import projection_moved
 from service.sealing import Keyring
 from service.settings import Settings
 
@@ -32,7 +33,15 @@ def make_workers(settings: Settings, keyring: Keyring, names: list[str] | None =
         group = SliceGroup(projection.name, settings.projection_slices)
         for part in layout(settings.projection_slices):
             workers.append(
-                Worker(settings.database_url, projection, keyring, worker_settings(settings), part=part, group=group)
+                Worker(
+                    settings.database_url,
+                    projection,
+                    keyring,
+                    worker_settings(settings),
+                    after_commit=projection_moved,  # readers of this process waiting for their own writes
+                    part=part,
+                    group=group,
+                )
             )
     return workers
 

@@ -64,9 +64,11 @@ async def test_readiness_is_503_when_a_projection_has_stopped(db_url: str, store
         orphan = await store.append(
             "alice", uuid7(), [MessageAppended(message_id=uuid7(), role="user", content="no conversation")]
         )
+        # The worker's own state (in the body's `workers`) can turn before the checkpoint row's
+        # commit is read: wait until both say so.
         for _ in range(100):
             ready = await client.get("/readyz")
-            if ready.status_code == 503:
+            if ready.status_code == 503 and ready.json()["projections"]["conversations"]["status"] == "failed":
                 break
             await asyncio.sleep(0.05)
         assert ready.status_code == 503

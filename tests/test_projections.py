@@ -28,7 +28,7 @@ from projections.worker import (
     ensure_checkpoint,
     projection_status,
 )
-from service import eventstore
+from service import eventstore, queries
 from service.database import downgrade, make_engine, migrate
 from service.events import ConversationDeleted, ConversationStarted, ConversationUpdated, MessageAppended
 from service.eventstore import Checkpoint, EventStore, RecordedEvent
@@ -810,3 +810,26 @@ async def test_a_worker_that_dies_of_a_defect_is_logged_shown_and_restarted(
         worker.stop()
         await task
     assert worker_states({worker: task})["conversations"] == "stopped"
+
+
+async def test_the_worker_wakes_this_process_s_waiting_readers_after_each_batch_it_commits(
+    store: EventStore, db_url: str
+) -> None:
+    # A reader waiting for its own write (`wait_until_readable`) pauses between its checks; the
+    # worker that runs in its process ends the pause as soon as a batch commits.
+    committed = asyncio.Event()
+    worker = Worker(
+        db_url, CONVERSATIONS, KEYRING, FAST, after_commit=lambda: (queries.projection_moved(), committed.set())
+    )
+    pausing = asyncio.ensure_future(queries._pause(60))
+    await asyncio.sleep(0.05)
+    assert not pausing.done()  # nothing committed yet: the reader pauses
+    running = asyncio.ensure_future(worker.run())
+    try:
+        await conversation_with_messages(store, "alice", 1)
+        await asyncio.wait_for(committed.wait(), 10)
+        await asyncio.wait_for(pausing, 10)  # woken by the commit, long before its 60 s
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 10)
+    assert worker.applied >= 1
