@@ -153,11 +153,13 @@ _readers: set[asyncio.Future[None]] = set()
 
 
 def projection_moved() -> None:
-    """Wake the readers of this process that wait for the read tables: a batch has committed."""
+    """Wake the readers that wait for the read tables on the running event loop (the worker's,
+    which in the API process is the requests' too): a batch has committed. Each reader takes
+    itself out of `_readers` when its pause ends."""
+    loop = asyncio.get_running_loop()
     for waiter in _readers:
-        if not waiter.done() and not waiter.get_loop().is_closed():
+        if waiter.get_loop() is loop and not waiter.done():
             waiter.set_result(None)
-    _readers.clear()
 
 
 async def _pause(delay: float) -> None:
