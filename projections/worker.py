@@ -155,6 +155,8 @@ async def _batch(
         if not careful:
             if await _apply(conn, projection, events, names, savepoint=False) is not None:
                 raise _BatchFailed
+            await mark_users(conn, projection.name, {e.user_id for e in events}, events[-1].checkpoint)
+            await _save_checkpoint(conn, name, events[-1].checkpoint)
         else:
             for event in events:
                 failure = await _apply(conn, projection, [event], names)
@@ -165,9 +167,6 @@ async def _batch(
                 await mark_users(conn, projection.name, {event.user_id}, event.checkpoint)
                 await _save_checkpoint(conn, name, event.checkpoint)
         if failure is None:
-            if not careful:
-                await mark_users(conn, projection.name, {e.user_id for e in events}, events[-1].checkpoint)
-                await _save_checkpoint(conn, name, events[-1].checkpoint)
             if before_commit is not None:
                 await before_commit(events)
             return len(events)
