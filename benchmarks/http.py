@@ -25,7 +25,9 @@ PostgreSQL in a temporary directory; works in a fresh database `chatlog_bench_ht
    the projection catches up, then wrk at concurrency 1 reads 50-message pages
    (GET /v1/conversations/{id}/messages?limit=50) of `chatlog serve` (its default server) and
    reports p50 and p99: right after the catch-up, and in the steady state after a VACUUM ANALYZE
-   and a CHECKPOINT, in consecutive windows (at least six), each window's p99 printed.
+   and a CHECKPOINT, in consecutive windows (at least six), each window's p99 printed. Its peer,
+   in windows alternating with chatlog's: the naive app's history page (one SELECT of the same
+   50 rows by the same index under the same server, no token, no own-writes wait).
 
 `--profile DIR` runs cProfile in each chatlog server process from its startup to its shutdown
 and writes DIR/chatlog-SERVER-N.prof (`python -m pstats FILE`); the figures are then not
@@ -350,7 +352,9 @@ async def main() -> None:
     }
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    naive = {server: f"http://127.0.0.1:{free_port()}" for server in servers}
+    # the naive app under each server measured, and under chatlog's own for the history's peer
+    naive_servers = dict.fromkeys([*servers, *([] if args.skip_history else [SERVED])])
+    naive = {server: f"http://127.0.0.1:{free_port()}" for server in naive_servers}
     runs = 0
 
     def serve(server: str, **settings: str) -> subprocess.Popen[bytes]:
@@ -499,17 +503,27 @@ async def main() -> None:
             # state is read in consecutive windows, each one's p99 printed, the target judged on
             # their median.
             steady = "steady state (after VACUUM ANALYZE, CHECKPOINT)"
+            # The peer, in the same windows, alternating: the naive app's history page (one SELECT of
+            # the same 50 rows by the same index, no token, no own-writes wait), under the same server.
+            theirs = rotating("GET", [f"/naive/{i}/messages?limit=50" for i in conversations], {})
             for when, windows in (("right after catching up", max(args.rounds, 2)), (steady, max(args.rounds, 6))):
                 if when == steady:
                     await settle(libpq(db_url))
-                rounds = [wrk(base, pages, connections=1, threads=1, seconds=args.seconds) for _ in range(windows)]
-                p50 = statistics.median(r["p50_ms"] for r in rounds)
-                p99 = statistics.median(r["p99_ms"] for r in rounds)
-                print(f"history page (50 messages), concurrency 1, {when}: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
-                      f"(medians of {windows} windows of {args.seconds:g} s; target p99 <= 2 ms, with the "
-                      f"own-writes wait: bench-0 has written); {statistics.median(r['rps'] for r in rounds):,.0f} "
-                      f"pages/s; non-2xx answers: {sum(r['errors'] for r in rounds):.0f}")  # fmt: skip
-                print("  p99 per window, in order: " + ", ".join(f"{r['p99_ms']:.2f}" for r in rounds) + " ms")
+                rounds: dict[str, list[dict[str, float]]] = {"chatlog": [], "naive": []}
+                for window in range(windows):
+                    for side in ("chatlog", "naive") if window % 2 == 0 else ("naive", "chatlog"):
+                        url, script = (base, pages) if side == "chatlog" else (naive[SERVED], theirs)
+                        rounds[side].append(wrk(url, script, connections=1, threads=1, seconds=args.seconds))
+                print(f"history page (50 messages), concurrency 1, {when} (medians of {windows} windows of "
+                      f"{args.seconds:g} s each, the two alternating; target chatlog's p99 <= 2 ms, with the "
+                      f"own-writes wait: bench-0 has written):")  # fmt: skip
+                for side, measured in rounds.items():
+                    p50 = statistics.median(r["p50_ms"] for r in measured)
+                    p99 = statistics.median(r["p99_ms"] for r in measured)
+                    print(f"  {side:>8}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
+                          f"{statistics.median(r['rps'] for r in measured):,.0f} pages/s, non-2xx answers: "
+                          f"{sum(r['errors'] for r in measured):.0f}; p99 per window, in order: "
+                          + ", ".join(f"{r['p99_ms']:.2f}" for r in measured) + " ms")  # fmt: skip
     finally:
         for proc in [*procs, *([chatlog] if chatlog else [])]:
             proc.terminate()
