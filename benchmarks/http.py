@@ -27,7 +27,7 @@ PostgreSQL in a temporary directory; works in a fresh database `chatlog_bench_ht
    reports p50 and p99: right after the catch-up, and in the steady state after a VACUUM ANALYZE
    and a CHECKPOINT, in consecutive windows (at least six), each window's p99 printed. Its peer,
    in windows alternating with chatlog's: the naive app's history page (one SELECT of the same
-   50 rows by the same index under the same server, no token, no own-writes wait).
+   50 rows by the (conversation_id, seq) index under the same server, no token, no own-writes wait).
 
 `--profile DIR` runs cProfile in each chatlog server process from its startup to its shutdown
 and writes DIR/chatlog-SERVER-N.prof (`python -m pstats FILE`); the figures are then not
@@ -504,7 +504,8 @@ async def main() -> None:
             # their median.
             steady = "steady state (after VACUUM ANALYZE, CHECKPOINT)"
             # The peer, in the same windows, alternating: the naive app's history page (one SELECT of
-            # the same 50 rows by the same index, no token, no own-writes wait), under the same server.
+            # the same 50 rows by the (conversation_id, seq) index, no token, no own-writes wait),
+            # under the same server.
             theirs = rotating("GET", [f"/naive/{i}/messages?limit=50" for i in conversations], {})
             for when, windows in (("right after catching up", max(args.rounds, 2)), (steady, max(args.rounds, 6))):
                 if when == steady:

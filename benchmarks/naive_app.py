@@ -1,6 +1,6 @@
 """The naive baselines of benchmarks/http.py, Litestar routes over asyncpg: an append that inserts
-one row, and a history page that selects 50 rows of chatlog's own `messages` table by its index
-(no token to check, no own-writes wait: the least a history page can do).
+one row, and a history page that selects 50 rows of chatlog's own `messages` table by its
+(conversation_id, seq) index (no token to check, no own-writes wait: the least a history page can do).
 
 NAIVE_DSN=postgresql://... uvicorn benchmarks.naive_app:app --port 8001
 """
